@@ -1,0 +1,381 @@
+"""The in-flight gate of one upstream: a cap, priority lanes, per-profile caps, bounded queues, deadlines.
+
+Scheduling, when a slot frees (or a request arrives):
+
+* A lane is *eligible* while its own in-flight count is below ``limit - headroom``: ``headroom`` slots are
+  kept for higher-priority lanes (batch never takes the last K slots, so an interactive request does not wait
+  behind long generations).
+* Inside a lane, profiles take turns (round-robin, one grant per turn) and a profile at its ``max_inflight``
+  is skipped, so one profile with 40 queued requests cannot starve another with 2.
+* Between eligible lanes the head with the lowest *rank* wins: ``priority - waited / aging_seconds``. A
+  fresh interactive request (priority 0) beats a fresh batch one (priority 1), but a batch request that has
+  waited ``aging_seconds`` ranks with new interactive ones and then ahead of them: batch is never starved.
+
+A ``Permit`` is held for exactly as long as the upstream response and released once, on every path; the gate
+never grants past the limit. Pure asyncio, no HTTP; time is ``loop.time()`` so tests can drive a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol
+
+from gateway_guard.admission.limit import Limit
+from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LanePolicy:
+    name: str
+    priority: int = 0
+    queue_size: int = 64
+    queue_timeout: float = 30.0
+    headroom: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProfilePolicy:
+    max_inflight: int | None = None
+    max_queued: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    limit: int | None
+    in_flight: int
+    queued: int
+    free: int | None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"limit": self.limit, "in_flight": self.in_flight, "queued": self.queued, "free": self.free}
+
+
+@dataclass(frozen=True, slots=True)
+class GateSnapshot:
+    name: str
+    limit: int
+    in_flight: int
+    queued: int
+    free: int
+    lanes: dict[str, SlotView] = field(default_factory=dict)
+    profiles: dict[str, SlotView] = field(default_factory=dict)
+
+
+class AdmissionGate(Protocol):
+    """What app/ needs from a gate; a distributed (e.g. Redis-backed) gate implements the same."""
+
+    name: str
+
+    async def acquire(self, lane: str, profile: str, *, max_wait: float | None = None) -> Permit: ...
+
+    def snapshot(self) -> GateSnapshot: ...
+
+    def lane_names(self) -> Iterable[str]: ...
+
+
+class Permit:
+    """One admitted request. ``release()`` is idempotent; ``async with permit:`` releases on every path."""
+
+    __slots__ = ("_gate", "_released", "acquired_at", "lane", "profile", "queue_wait")
+
+    def __init__(self, gate: Gate, lane: str, profile: str, acquired_at: float, queue_wait: float) -> None:
+        self._gate = gate
+        self._released = False
+        self.lane = lane
+        self.profile = profile
+        self.acquired_at = acquired_at
+        self.queue_wait = queue_wait
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, *, dropped: bool = False) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._gate._on_release(self, dropped=dropped)
+
+    async def __aenter__(self) -> Permit:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release(dropped=exc_type is not None and not issubclass(exc_type, asyncio.CancelledError))
+
+
+class _Waiter:
+    __slots__ = ("enqueued_at", "future", "lane", "profile", "timer")
+
+    def __init__(self, lane: str, profile: str, enqueued_at: float, future: asyncio.Future[Permit]) -> None:
+        self.lane = lane
+        self.profile = profile
+        self.enqueued_at = enqueued_at
+        self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _LaneQueue:
+    """Waiters of one lane, one FIFO per profile, profiles served in round-robin order."""
+
+    __slots__ = ("by_profile", "count", "in_flight", "policy", "turns")
+
+    def __init__(self, policy: LanePolicy) -> None:
+        self.policy = policy
+        self.by_profile: dict[str, deque[_Waiter]] = {}
+        self.turns: deque[str] = deque()
+        self.count = 0
+        self.in_flight = 0
+
+    def push(self, waiter: _Waiter) -> None:
+        fifo = self.by_profile.get(waiter.profile)
+        if fifo is None:
+            fifo = self.by_profile[waiter.profile] = deque()
+            self.turns.append(waiter.profile)
+        fifo.append(waiter)
+        self.count += 1
+
+    def remove(self, waiter: _Waiter) -> None:
+        fifo = self.by_profile[waiter.profile]
+        fifo.remove(waiter)
+        self.count -= 1
+        if not fifo:
+            del self.by_profile[waiter.profile]
+            self.turns.remove(waiter.profile)
+
+    def next_eligible(self, profile_ok: dict[str, bool]) -> tuple[_Waiter, float] | None:
+        """The waiter whose turn it is, and the oldest enqueue time among eligible heads (for aging)."""
+        chosen: _Waiter | None = None
+        oldest = float("inf")
+        for profile in self.turns:
+            if not profile_ok.get(profile, True):
+                continue
+            head = self.by_profile[profile][0]
+            if chosen is None:
+                chosen = head
+            oldest = min(oldest, head.enqueued_at)
+        return None if chosen is None else (chosen, oldest)
+
+    def pop(self, waiter: _Waiter) -> None:
+        fifo = self.by_profile[waiter.profile]
+        fifo.popleft()
+        self.count -= 1
+        self.turns.remove(waiter.profile)
+        if fifo:
+            self.turns.append(waiter.profile)
+        else:
+            del self.by_profile[waiter.profile]
+
+
+class Gate:
+    """In-memory admission gate for one upstream."""
+
+    def __init__(
+        self,
+        name: str,
+        limit: Limit,
+        lanes: Iterable[LanePolicy],
+        profiles: Mapping[str, ProfilePolicy] | None = None,
+        *,
+        aging_seconds: float = 10.0,
+        default_profile_policy: ProfilePolicy | None = None,
+    ) -> None:
+        self.name = name
+        self._limit = limit
+        self._lanes = {p.name: _LaneQueue(p) for p in lanes}
+        if not self._lanes:
+            raise ValueError("a gate needs at least one lane")
+        self._profiles = dict(profiles or {})
+        self._default_profile = default_profile_policy or ProfilePolicy()
+        self._aging = aging_seconds
+        self._in_flight = 0
+        self._profile_in_flight: dict[str, int] = {}
+        self._profile_queued: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound on first use; release() may run outside it
+        self._mean_hold = 1.0  # EWMA of permit hold time, seconds: the base of Retry-After estimates
+        limit.subscribe(lambda _new: self._grant())
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return self._limit.limit
+
+    @property
+    def limit_source(self) -> Limit:
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def lane_names(self) -> Iterable[str]:
+        return self._lanes.keys()
+
+    def lane_policy(self, lane: str) -> LanePolicy:
+        return self._lanes[lane].policy
+
+    async def acquire(self, lane: str, profile: str, *, max_wait: float | None = None) -> Permit:
+        """Wait for a permit; raise ``QueueFull``/``ProfileQueueFull`` at once or ``DeadlineExceeded`` later."""
+        queue = self._lanes.get(lane)
+        if queue is None:
+            raise UnknownLane(f"unknown lane {lane!r}; lanes are: {', '.join(self._lanes)}", lane=lane)
+        loop = self._loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[Permit] = loop.create_future()
+        waiter = _Waiter(lane, profile, loop.time(), future)
+        queue.push(waiter)
+        self._profile_queued[profile] = self._profile_queued.get(profile, 0) + 1
+        self._grant()
+        if future.done():
+            return future.result()
+        self._check_bounds(waiter, queue)
+        wait = queue.policy.queue_timeout if max_wait is None else max_wait
+        waiter.timer = loop.call_at(waiter.enqueued_at + wait, self._expire, waiter)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()  # granted just as we were cancelled: give it back
+            else:
+                self._forget(waiter)
+            raise
+
+    def retry_after(self, lane: str) -> float:
+        """Seconds until a new request of ``lane`` could expect a slot, from queue depth and hold time."""
+        own = self._lanes[lane].policy
+        ahead = sum(q.count for q in self._lanes.values() if q.policy.priority <= own.priority)
+        return (ahead + 1) * self._mean_hold / max(1, self._lane_cap(own))
+
+    def snapshot(self) -> GateSnapshot:
+        limit = self._limit.limit
+        total_queued = sum(q.count for q in self._lanes.values())
+        open_slots = max(0, limit - self._in_flight)
+        lanes = {}
+        for name, q in self._lanes.items():
+            cap = self._lane_cap(q.policy)
+            free = max(0, min(cap - q.in_flight, open_slots) - q.count)
+            lanes[name] = SlotView(cap, q.in_flight, q.count, free)
+        profiles = {}
+        for name in sorted(set(self._profiles) | set(self._profile_in_flight) | set(self._profile_queued)):
+            pcap = self._profile_policy(name).max_inflight
+            in_flight = self._profile_in_flight.get(name, 0)
+            queued = self._profile_queued.get(name, 0)
+            pfree = None if pcap is None else max(0, pcap - in_flight - queued)
+            profiles[name] = SlotView(pcap, in_flight, queued, pfree)
+        return GateSnapshot(
+            self.name, limit, self._in_flight, total_queued, max(0, open_slots - total_queued), lanes, profiles
+        )
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None, "the gate is bound to a loop by its first acquire"
+        return self._loop.time()
+
+    def _profile_policy(self, profile: str) -> ProfilePolicy:
+        return self._profiles.get(profile, self._default_profile)
+
+    def _lane_cap(self, policy: LanePolicy) -> int:
+        return max(1, self._limit.limit - policy.headroom)
+
+    def _check_bounds(self, waiter: _Waiter, queue: _LaneQueue) -> None:
+        policy = queue.policy
+        max_queued = self._profile_policy(waiter.profile).max_queued
+        if max_queued is not None and self._profile_queued[waiter.profile] > max_queued:
+            self._forget(waiter)
+            raise ProfileQueueFull(
+                f"profile {waiter.profile!r} already has {max_queued} requests queued on upstream "
+                f"{self.name!r} (lane {policy.name!r}); its own limit says no",
+                lane=policy.name,
+                retry_after=self.retry_after(policy.name),
+            )
+        if queue.count > policy.queue_size:
+            self._forget(waiter)
+            raise QueueFull(
+                f"upstream {self.name!r} is saturated and the {policy.name!r} queue is full "
+                f"({policy.queue_size} waiting)",
+                lane=policy.name,
+                retry_after=self.retry_after(policy.name),
+            )
+
+    def _forget(self, waiter: _Waiter) -> None:
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        queue = self._lanes[waiter.lane]
+        fifo = queue.by_profile.get(waiter.profile)
+        if fifo is not None and waiter in fifo:
+            queue.remove(waiter)
+            self._dec(self._profile_queued, waiter.profile)
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        waited = self._now() - waiter.enqueued_at
+        self._forget(waiter)
+        waiter.future.set_exception(
+            DeadlineExceeded(
+                f"waited {waited:.1f}s in the {waiter.lane!r} queue of upstream {self.name!r} "
+                "without a free slot (queue deadline passed)",
+                lane=waiter.lane,
+                retry_after=self.retry_after(waiter.lane),
+            )
+        )
+
+    def _grant(self) -> None:
+        limit = self._limit.limit
+        if self._in_flight >= limit:
+            return
+        now = self._now()
+        while self._in_flight < limit:
+            profile_ok = {p: self._profile_has_room(p) for p in self._profile_queued}
+            best: tuple[float, int, _Waiter, _LaneQueue] | None = None
+            for queue in self._lanes.values():
+                if not queue.count or queue.in_flight >= self._lane_cap(queue.policy):
+                    continue
+                found = queue.next_eligible(profile_ok)
+                if found is None:
+                    continue
+                waiter, oldest = found
+                rank = queue.policy.priority - (now - oldest) / self._aging
+                if best is None or (rank, queue.policy.priority) < (best[0], best[1]):
+                    best = (rank, queue.policy.priority, waiter, queue)
+            if best is None:
+                return
+            _, _, waiter, queue = best
+            queue.pop(waiter)
+            self._dec(self._profile_queued, waiter.profile)
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            if waiter.future.done():
+                continue  # its task was cancelled this turn and has not run its cleanup yet: skip it
+            self._in_flight += 1
+            queue.in_flight += 1
+            self._profile_in_flight[waiter.profile] = self._profile_in_flight.get(waiter.profile, 0) + 1
+            waiter.future.set_result(Permit(self, waiter.lane, waiter.profile, now, now - waiter.enqueued_at))
+
+    def _profile_has_room(self, profile: str) -> bool:
+        cap = self._profile_policy(profile).max_inflight
+        return cap is None or self._profile_in_flight.get(profile, 0) < cap
+
+    def _on_release(self, permit: Permit, *, dropped: bool) -> None:
+        held = self._now() - permit.acquired_at
+        self._mean_hold += 0.2 * (held - self._mean_hold)
+        in_flight = self._in_flight
+        self._in_flight -= 1
+        self._lanes[permit.lane].in_flight -= 1
+        self._dec(self._profile_in_flight, permit.profile)
+        self._limit.on_sample(rtt=held, in_flight=in_flight, dropped=dropped)
+        self._grant()
+
+    @staticmethod
+    def _dec(counts: dict[str, int], key: str) -> None:
+        left = counts[key] - 1
+        if left:
+            counts[key] = left
+        else:
+            del counts[key]
