@@ -1,0 +1,334 @@
+"""Typed configuration: one TOML file plus ``GUARD__SECTION__KEY`` environment overrides, validated once.
+
+Every error names the key and the bad value (``upstreams.gpu.max_inflight: must be an integer >= 1 (got 0)``).
+Secrets (upstream API keys, client keys, the admin token) never appear in reprs, logs or errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+from gateway_guard.admission.gate import LanePolicy, ProfilePolicy
+from gateway_guard.errors import ConfigError
+
+ENV_PREFIX = "GUARD__"
+T = TypeVar("T")
+
+DEFAULT_LANES: dict[str, dict[str, Any]] = {
+    # Interactive chats: first in line, a short queue deadline (a person is waiting).
+    "interactive": {"priority": 0, "queue_size": 64, "queue_timeout": 30.0, "headroom": 0},
+    # Hermes kanban workers: held for minutes rather than rejected (they give up after 3 quick retries and
+    # their client waits 1800 s), and kept out of the last slot so an interactive request finds one free.
+    "batch": {"priority": 1, "queue_size": 1024, "queue_timeout": 1500.0, "headroom": 1},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
+    name: str
+    url: str
+    max_inflight: int = 4
+    api_key: str | None = field(default=None, repr=False)
+    models: tuple[str, ...] = ()
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    lanes: dict[str, LanePolicy] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileSettings:
+    name: str
+    lane: str | None = None
+    upstream: str | None = None
+    max_inflight: int | None = None
+    max_queued: int | None = None
+
+    def policy(self) -> ProfilePolicy:
+        return ProfilePolicy(max_inflight=self.max_inflight, max_queued=self.max_queued)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8090
+    max_body_bytes: int = 16 * 1024 * 1024
+    admin_token: str | None = field(default=None, repr=False)
+    default_lane: str | None = "batch"
+    lane_header: bool = True
+    aging_seconds: float = 10.0
+    log_level: str = "info"
+    log_json: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    server: ServerSettings
+    upstreams: dict[str, UpstreamSettings]
+    profiles: dict[str, ProfileSettings] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict, repr=False)  # client API key -> profile name
+
+    @property
+    def default_upstream(self) -> UpstreamSettings:
+        return next(iter(self.upstreams.values()))
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the file (if any), apply environment then explicit overrides (dotted keys), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", "file not found", str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"not valid TOML: {exc}", str(path)) from None
+    for dotted, value in env_overrides(os.environ if environ is None else environ).items():
+        _set_dotted(raw, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_settings(raw)
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``GUARD__UPSTREAMS__GPU__MAX_INFLIGHT=8`` -> ``{"upstreams.gpu.max_inflight": 8}``."""
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            out[dotted] = _env_value(text)
+    return out
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parents[: i + 1]), "is a value, not a table; cannot set " + dotted)
+        node = child
+    node[leaf] = value
+
+
+# -- validation ---------------------------------------------------------------------------------------------
+
+
+class _Table:
+    """A TOML table being read: typed getters that name the full key, and a check for unknown keys."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must be a table", data)
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type[T], default: T) -> T:
+        self.seen.add(name)
+        value: Any = self.data.get(name, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise ConfigError(self.key(name), f"must be {kind.__name__}", _safe(name, value))
+        return cast(T, value)
+
+    def positive_int(self, name: str, default: int | None, *, minimum: int = 1) -> int | None:
+        value = self.get(name, int, default)
+        if value is not None and value < minimum:
+            raise ConfigError(self.key(name), f"must be an integer >= {minimum}", value)
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.get(name, float, default)
+        if value <= 0:
+            raise ConfigError(self.key(name), "must be a number of seconds > 0", value)
+        return value
+
+    def table(self, name: str) -> dict[str, Any]:
+        self.seen.add(name)
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(self.key(name), "must be a table", value)
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key (misspelt?)")
+
+
+def _safe(name: str, value: object) -> object:
+    return "<hidden>" if "key" in name or "token" in name else value
+
+
+def parse_settings(raw: Mapping[str, Any]) -> Settings:
+    root = _Table(dict(raw), "")
+    server = _parse_server(_Table(root.table("server"), "server"))
+    lanes = _parse_lanes(root.table("lanes"), "lanes", DEFAULT_LANES)
+    if server.default_lane is not None and server.default_lane not in lanes:
+        raise ConfigError("server.default_lane", f"names no lane (lanes: {', '.join(lanes)})", server.default_lane)
+    up_tables = root.table("upstreams")
+    if not up_tables:
+        raise ConfigError("upstreams", "at least one upstream is needed (or pass --upstream URL / --simulate)")
+    upstreams = {name: _parse_upstream(name, body, lanes) for name, body in up_tables.items()}
+    profiles = {
+        name: _parse_profile(name, body, lanes, upstreams) for name, body in root.table("profiles").items()
+    }
+    keys = _parse_keys(root.table("keys"), profiles)
+    root.done()
+    return Settings(server=server, upstreams=upstreams, profiles=profiles, keys=keys)
+
+
+def _parse_server(t: _Table) -> ServerSettings:
+    d = ServerSettings()
+    token = t.get("admin_token", str, d.admin_token) or os.environ.get("GUARD_ADMIN_TOKEN") or None
+    port = t.positive_int("port", d.port, minimum=0)
+    assert port is not None
+    if port > 65535:
+        raise ConfigError(t.key("port"), "must be a TCP port 0..65535", port)
+    level = t.get("log_level", str, d.log_level).lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(t.key("log_level"), "must be debug, info, warning or error", level)
+    server = ServerSettings(
+        host=t.get("host", str, d.host),
+        port=port,
+        max_body_bytes=t.positive_int("max_body_bytes", d.max_body_bytes) or d.max_body_bytes,
+        admin_token=token,
+        default_lane=t.get("default_lane", str, d.default_lane) or None,
+        lane_header=t.get("lane_header", bool, d.lane_header),
+        aging_seconds=t.seconds("aging_seconds", d.aging_seconds),
+        log_level=level,
+        log_json=t.get("log_json", bool, d.log_json),
+    )
+    t.done()
+    return server
+
+
+def _parse_lanes(
+    tables: dict[str, Any], path: str, base: Mapping[str, Mapping[str, Any]]
+) -> dict[str, LanePolicy]:
+    merged: dict[str, dict[str, Any]] = {name: dict(v) for name, v in base.items()}
+    for name, body in tables.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}.{name}", "must be a table", body)
+        merged.setdefault(name, {}).update(body)
+    lanes = {}
+    for name, body in merged.items():
+        t = _Table(body, f"{path}.{name}")
+        lanes[name] = LanePolicy(
+            name=name,
+            priority=t.get("priority", int, 0),
+            queue_size=t.positive_int("queue_size", 64, minimum=0) or 0,
+            queue_timeout=t.seconds("queue_timeout", 30.0),
+            headroom=t.positive_int("headroom", 0, minimum=0) or 0,
+        )
+        t.done()
+    return lanes
+
+
+def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy]) -> UpstreamSettings:
+    t = _Table(body, f"upstreams.{name}")
+    url = t.get("url", str, "")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(t.key("url"), "must be an http(s) URL such as http://127.0.0.1:8080", url)
+    key_env = t.get("api_key_env", str, None)
+    api_key = t.get("api_key", str, None)
+    if key_env:
+        api_key = os.environ.get(key_env)
+        if api_key is None:
+            raise ConfigError(t.key("api_key_env"), "names an environment variable that is not set", key_env)
+    models = t.get("models", list, [])
+    if not all(isinstance(m, str) for m in models):
+        raise ConfigError(t.key("models"), "must be a list of model names", models)
+    cap = t.positive_int("max_inflight", 4)
+    assert cap is not None
+    lane_over = _parse_lanes(t.table("lanes"), t.key("lanes"), _policies_as_raw(lanes))
+    for lane in lane_over.values():
+        if lane.headroom >= cap and cap > 1:
+            key = t.key(f"lanes.{lane.name}.headroom")
+            raise ConfigError(key, f"must be below max_inflight ({cap})", lane.headroom)
+    up = UpstreamSettings(
+        name=name,
+        url=url.rstrip("/"),
+        max_inflight=cap,
+        api_key=api_key,
+        models=tuple(models),
+        connect_timeout=t.seconds("connect_timeout", 5.0),
+        read_timeout=t.seconds("read_timeout", 600.0),
+        lanes=lane_over,
+    )
+    t.done()
+    return up
+
+
+def _policies_as_raw(lanes: Mapping[str, LanePolicy]) -> dict[str, dict[str, Any]]:
+    return {n: {k: v for k, v in asdict(p).items() if k != "name"} for n, p in lanes.items()}
+
+
+def _parse_profile(
+    name: str, body: Any, lanes: Mapping[str, LanePolicy], upstreams: Mapping[str, UpstreamSettings]
+) -> ProfileSettings:
+    t = _Table(body, f"profiles.{name}")
+    lane = t.get("lane", str, None)
+    if lane is not None and lane not in lanes:
+        raise ConfigError(t.key("lane"), f"names no lane (lanes: {', '.join(lanes)})", lane)
+    upstream = t.get("upstream", str, None)
+    if upstream is not None and upstream not in upstreams:
+        raise ConfigError(t.key("upstream"), f"names no upstream (upstreams: {', '.join(upstreams)})", upstream)
+    profile = ProfileSettings(
+        name=name,
+        lane=lane,
+        upstream=upstream,
+        max_inflight=t.positive_int("max_inflight", None),
+        max_queued=t.positive_int("max_queued", None, minimum=0),
+    )
+    t.done()
+    return profile
+
+
+def _parse_keys(table: dict[str, Any], profiles: dict[str, ProfileSettings]) -> dict[str, str]:
+    """``[keys] worker1 = "sk-..."`` or ``worker1 = { env = "WORKER1_KEY" }``: profile name -> its key."""
+    keys: dict[str, str] = {}
+    for profile, spec in table.items():
+        path = f"keys.{profile}"
+        if isinstance(spec, dict):
+            env = spec.get("env")
+            if not isinstance(env, str) or set(spec) != {"env"}:
+                raise ConfigError(path, 'must be a key string or { env = "VAR" }')
+            secret = os.environ.get(env)
+            if not secret:
+                raise ConfigError(path, "names an environment variable that is not set", env)
+        elif isinstance(spec, str) and spec:
+            secret = spec
+        else:
+            raise ConfigError(path, 'must be a key string or { env = "VAR" }')
+        if secret in keys:
+            raise ConfigError(path, f"same key as profile {keys[secret]!r}")
+        keys[secret] = profile
+        profiles.setdefault(profile, ProfileSettings(name=profile))
+    return keys

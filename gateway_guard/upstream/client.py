@@ -1,0 +1,97 @@
+"""One upstream server: the only place that speaks httpx."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+from gateway_guard.errors import GuardError
+from gateway_guard.settings import UpstreamSettings
+from gateway_guard.upstream.errors import map_httpx_errors
+from gateway_guard.upstream.headers import upstream_request_headers
+
+READY_PATHS = ("/health", "/v1/models", "/api/tags")
+
+
+class UpstreamResponse:
+    """A response whose body has not been read yet; ``aclose()`` drops the connection (frees the GPU slot)."""
+
+    __slots__ = ("_response", "_upstream")
+
+    def __init__(self, response: httpx.Response, upstream: Upstream) -> None:
+        self._response = response
+        self._upstream = upstream
+
+    @property
+    def status(self) -> int:
+        return self._response.status_code
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self._response.headers.raw)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Bytes as they arrive, undecoded (content-encoding passes through untouched)."""
+        up = self._upstream.settings
+        with map_httpx_errors(up.name, up.read_timeout):
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class Upstream:
+    def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None)
+        self._client = httpx.AsyncClient(
+            base_url=settings.url,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            transport=transport,
+            follow_redirects=False,
+            trust_env=False,  # the upstream comes from config only, never from proxy variables
+        )
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    async def send(
+        self, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes
+    ) -> UpstreamResponse:
+        """Send and return once the upstream's status line and headers have arrived."""
+        url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)
+        request = self._client.build_request(
+            method, url, headers=upstream_request_headers(headers, self.settings.api_key), content=body
+        )
+        with map_httpx_errors(self.name, self.settings.read_timeout):
+            response = await self._client.send(request, stream=True)
+        return UpstreamResponse(response, self)
+
+    async def get_text(self, path: str, *, timeout: float = 2.0) -> tuple[int, str]:
+        """A small GET for probes (readiness, the server's own /metrics)."""
+        with map_httpx_errors(self.name, timeout):
+            response = await self._client.get(path, timeout=timeout, headers=self._auth())
+        return response.status_code, response.text
+
+    async def ready(self) -> tuple[bool, str]:
+        """Reachable and answering? Tries the health endpoints llama.cpp, vLLM, OpenAI-likes and Ollama have."""
+        last = "no probe answered"
+        for path in READY_PATHS:
+            try:
+                status, _ = await self.get_text(path)
+            except GuardError as exc:  # a probe reports, never raises
+                return False, str(exc)
+            if status < 400:
+                return True, f"GET {path} -> {status}"
+            last = f"GET {path} -> {status}"
+        return False, last
+
+    def _auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
