@@ -28,6 +28,8 @@ class RequestRecord:
     duration: float = 0.0
     ttfb: float | None = None
     bytes_out: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
     error: str | None = None
 
 

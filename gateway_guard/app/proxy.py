@@ -31,6 +31,7 @@ from gateway_guard.errors import ClientError, Forbidden, GuardError, InvalidJSON
 from gateway_guard.telemetry import RequestRecord
 from gateway_guard.upstream.client import Upstream
 from gateway_guard.upstream.headers import client_response_headers
+from gateway_guard.upstream.usage import UsageMeter
 
 # POSTs that read metadata only: forwarded without a generation permit.
 METADATA_POSTS = frozenset({"/api/show", "/api/tags", "/api/ps", "/api/version"})
@@ -114,17 +115,25 @@ class ProxyHandler:
             record.status = response.status
             extra = [(b"x-guard-lane", (record.lane or "").encode()), (b"x-guard-upstream", upstream.name.encode())]
             await send.start(response.status, client_response_headers(response.raw_headers) + extra)
-            await first_or_disconnect(_relay(response.chunks(), send, record, t0), disconnect)
+            meter = UsageMeter(response.content_type)
+            try:
+                await first_or_disconnect(_relay(response.chunks(), send, meter, record, t0), disconnect)
+            finally:  # tokens seen so far count, even when the client left mid-stream
+                meter.finish()
+                record.prompt_tokens, record.completion_tokens = meter.prompt_tokens, meter.completion_tokens
             await send.body(b"", more=False)
         finally:
             await response.aclose()  # closes the upstream connection if unfinished: the server frees its slot
 
 
-async def _relay(chunks: AsyncIterator[bytes], send: _SendTracker, record: RequestRecord, t0: float) -> None:
+async def _relay(
+    chunks: AsyncIterator[bytes], send: _SendTracker, meter: UsageMeter, record: RequestRecord, t0: float
+) -> None:
     async for chunk in chunks:
         if record.ttfb is None:
             record.ttfb = time.perf_counter() - t0
         record.bytes_out += len(chunk)
+        meter.feed(chunk)
         await send.body(chunk, more=True)
 
 

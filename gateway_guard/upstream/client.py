@@ -28,6 +28,10 @@ class UpstreamResponse:
         return self._response.status_code
 
     @property
+    def content_type(self) -> str:
+        return str(self._response.headers.get("content-type", ""))
+
+    @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         return list(self._response.headers.raw)
 
