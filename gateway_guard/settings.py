@@ -96,11 +96,12 @@ def load_settings(
             raise ConfigError("--config", "file not found", str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"not valid TOML: {exc}", str(path)) from None
-    for dotted, value in env_overrides(os.environ if environ is None else environ).items():
+    env = os.environ if environ is None else environ
+    for dotted, value in env_overrides(env).items():
         _set_dotted(raw, dotted, value)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    return parse_settings(raw)
+    return parse_settings(raw, environ=env)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -185,27 +186,29 @@ def _safe(name: str, value: object) -> object:
     return "<hidden>" if "key" in name or "token" in name else value
 
 
-def parse_settings(raw: Mapping[str, Any]) -> Settings:
+def parse_settings(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a raw config; ``environ`` resolves ``*_env`` references (default: the process environment)."""
+    env = os.environ if environ is None else environ
     root = _Table(dict(raw), "")
-    server = _parse_server(_Table(root.table("server"), "server"))
+    server = _parse_server(_Table(root.table("server"), "server"), env)
     lanes = _parse_lanes(root.table("lanes"), "lanes", DEFAULT_LANES)
     if server.default_lane is not None and server.default_lane not in lanes:
         raise ConfigError("server.default_lane", f"names no lane (lanes: {', '.join(lanes)})", server.default_lane)
     up_tables = root.table("upstreams")
     if not up_tables:
         raise ConfigError("upstreams", "at least one upstream is needed (or pass --upstream URL / --simulate)")
-    upstreams = {name: _parse_upstream(name, body, lanes) for name, body in up_tables.items()}
+    upstreams = {name: _parse_upstream(name, body, lanes, env) for name, body in up_tables.items()}
     profiles = {
         name: _parse_profile(name, body, lanes, upstreams) for name, body in root.table("profiles").items()
     }
-    keys = _parse_keys(root.table("keys"), profiles)
+    keys = _parse_keys(root.table("keys"), profiles, env)
     root.done()
     return Settings(server=server, upstreams=upstreams, profiles=profiles, keys=keys)
 
 
-def _parse_server(t: _Table) -> ServerSettings:
+def _parse_server(t: _Table, env: Mapping[str, str]) -> ServerSettings:
     d = ServerSettings()
-    token = t.get("admin_token", str, d.admin_token) or os.environ.get("GUARD_ADMIN_TOKEN") or None
+    token = t.get("admin_token", str, d.admin_token) or env.get("GUARD_ADMIN_TOKEN") or None
     port = t.positive_int("port", d.port, minimum=0)
     assert port is not None
     if port > 65535:
@@ -250,7 +253,7 @@ def _parse_lanes(
     return lanes
 
 
-def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy]) -> UpstreamSettings:
+def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy], env: Mapping[str, str]) -> UpstreamSettings:
     t = _Table(body, f"upstreams.{name}")
     url = t.get("url", str, "")
     parts = urlsplit(url)
@@ -259,7 +262,7 @@ def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy]) -> Upstr
     key_env = t.get("api_key_env", str, None)
     api_key = t.get("api_key", str, None)
     if key_env:
-        api_key = os.environ.get(key_env)
+        api_key = env.get(key_env)
         if api_key is None:
             raise ConfigError(t.key("api_key_env"), "names an environment variable that is not set", key_env)
     models = t.get("models", list, [])
@@ -311,18 +314,20 @@ def _parse_profile(
     return profile
 
 
-def _parse_keys(table: dict[str, Any], profiles: dict[str, ProfileSettings]) -> dict[str, str]:
+def _parse_keys(
+    table: dict[str, Any], profiles: dict[str, ProfileSettings], env: Mapping[str, str]
+) -> dict[str, str]:
     """``[keys] worker1 = "sk-..."`` or ``worker1 = { env = "WORKER1_KEY" }``: profile name -> its key."""
     keys: dict[str, str] = {}
     for profile, spec in table.items():
         path = f"keys.{profile}"
         if isinstance(spec, dict):
-            env = spec.get("env")
-            if not isinstance(env, str) or set(spec) != {"env"}:
+            var = spec.get("env")
+            if not isinstance(var, str) or set(spec) != {"env"}:
                 raise ConfigError(path, 'must be a key string or { env = "VAR" }')
-            secret = os.environ.get(env)
+            secret = env.get(var)
             if not secret:
-                raise ConfigError(path, "names an environment variable that is not set", env)
+                raise ConfigError(path, "names an environment variable that is not set", var)
         elif isinstance(spec, str) and spec:
             secret = spec
         else:

@@ -328,7 +328,7 @@ class Gate:
 
     def _grant(self) -> None:
         limit = self._limit.limit
-        if self._in_flight >= limit:
+        if self._in_flight >= limit or self._loop is None:  # no loop yet: nobody has ever asked, nobody waits
             return
         now = self._now()
         while self._in_flight < limit:
