@@ -48,23 +48,41 @@ async def wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def first_or_disconnect(work: Awaitable[Any], disconnect: asyncio.Future[None]) -> Any:
-    """Await ``work`` unless the client disconnects first; then cancel it and raise ``ClientDisconnected``."""
-    task = asyncio.ensure_future(work)
-    if disconnect.done():
-        task.cancel()
-    else:
-        await asyncio.wait((task, disconnect), return_when=asyncio.FIRST_COMPLETED)
-    if task.done() and not task.cancelled():
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    else:  # finished in the same turn as the disconnect: caller must still release what it got
-        return task.result()
-    raise ClientDisconnected
+class DisconnectWatch:
+    """Cancels the handler's own task when the client disconnects (as ``asyncio.timeout`` cancels on expiry).
+
+    One extra task per request, whatever the handler is doing when the client leaves: waiting in the queue,
+    waiting for the upstream's headers, or relaying the stream. ``__exit__`` turns that cancellation into
+    ``ClientDisconnected``; any other cancellation (server shutdown) propagates unchanged.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def __enter__(self) -> DisconnectWatch:
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        await wait_for_disconnect(self._receive)
+        self.gone = True
+        assert self._task is not None
+        self._task.cancel()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        assert self._watcher is not None and self._task is not None
+        self._watcher.cancel()
+        if self.gone:
+            if self._task.uncancel() == 0 and exc_type is asyncio.CancelledError:
+                raise ClientDisconnected from exc
+            if exc_type is None:
+                raise ClientDisconnected
 
 
 async def send_json(

@@ -8,23 +8,20 @@ and the guard's permit are both freed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 
-from gateway_guard.admission.gate import Permit
 from gateway_guard.app.asgi import (
     ClientDisconnected,
+    DisconnectWatch,
     Receive,
     Scope,
     Send,
-    first_or_disconnect,
     header_list,
     is_admin,
     read_body,
     send_error,
-    wait_for_disconnect,
 )
 from gateway_guard.app.state import GuardState
 from gateway_guard.errors import ClientError, Forbidden, GuardError, InvalidJSON, NotFound, Outcome
@@ -52,9 +49,8 @@ class ProxyHandler:
         record = RequestRecord(method=scope["method"], path=scope["path"])
         started = time.perf_counter()
         sent = _SendTracker(send)
-        disconnect: asyncio.Future[None] | None = None
         try:
-            disconnect = await self._handle(scope, receive, sent, record)
+            await self._handle(scope, receive, sent, record)
         except ClientDisconnected:
             record.outcome = Outcome.CLIENT_GONE
             record.status = record.status or 499
@@ -64,14 +60,10 @@ class ProxyHandler:
                 record.status = error.status
                 await send_error(send, error, {"x-guard-lane": record.lane} if record.lane else None)
         finally:
-            if disconnect is not None:
-                disconnect.cancel()
             record.duration = time.perf_counter() - started
             self.state.telemetry.request_finished(record)
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: _SendTracker, record: RequestRecord
-    ) -> asyncio.Future[None] | None:
+    async def _handle(self, scope: Scope, receive: Receive, send: _SendTracker, record: RequestRecord) -> None:
         state = self.state
         headers = header_list(scope)
         hmap = dict(headers)
@@ -85,17 +77,15 @@ class ProxyHandler:
         record.model = _model_of(scope["method"], cls.path, body, hmap.get("content-type", ""))
         upstream = state.upstreams[state.classifier.upstream_for(cls.profile, record.model)]
         record.upstream = upstream.name
-        disconnect = asyncio.ensure_future(wait_for_disconnect(receive))
-        if not needs_permit(scope["method"], cls.path):
-            await self._forward(scope, upstream, headers, body, send, disconnect, record)
-            return disconnect
-        gate = state.gates[upstream.name]
-        permit: Permit = await first_or_disconnect(gate.acquire(cls.lane, cls.profile), disconnect)
-        record.queue_wait = permit.queue_wait
-        record.outcome = Outcome.ADMITTED
-        async with permit:  # released on every path: success, error, disconnect, cancellation
-            await self._forward(scope, upstream, headers, body, send, disconnect, record)
-        return disconnect
+        with DisconnectWatch(receive):
+            if not needs_permit(scope["method"], cls.path):
+                await self._forward(scope, upstream, headers, body, send, record)
+                return
+            permit = await state.gates[upstream.name].acquire(cls.lane, cls.profile)
+            record.queue_wait = permit.queue_wait
+            record.outcome = Outcome.ADMITTED
+            async with permit:  # released on every path: success, error, disconnect, cancellation
+                await self._forward(scope, upstream, headers, body, send, record)
 
     async def _forward(
         self,
@@ -104,20 +94,17 @@ class ProxyHandler:
         headers: list[tuple[str, str]],
         body: bytes,
         send: _SendTracker,
-        disconnect: asyncio.Future[None],
         record: RequestRecord,
     ) -> None:
         t0 = time.perf_counter()
-        response = await first_or_disconnect(
-            upstream.send(scope["method"], record.path, scope["query_string"], headers, body), disconnect
-        )
+        response = await upstream.send(scope["method"], record.path, scope["query_string"], headers, body)
         try:
             record.status = response.status
             extra = [(b"x-guard-lane", (record.lane or "").encode()), (b"x-guard-upstream", upstream.name.encode())]
             await send.start(response.status, client_response_headers(response.raw_headers) + extra)
             meter = UsageMeter(response.content_type)
             try:
-                await first_or_disconnect(_relay(response.chunks(), send, meter, record, t0), disconnect)
+                await _relay(response.chunks(), send, meter, record, t0)
             finally:  # tokens seen so far count, even when the client left mid-stream
                 meter.finish()
                 record.prompt_tokens, record.completion_tokens = meter.prompt_tokens, meter.completion_tokens
