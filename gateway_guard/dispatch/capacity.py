@@ -26,10 +26,12 @@ class CapacityUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Slots:
-    limit: int
+    """``limit`` and ``free`` are None where the guard sets no cap (e.g. a profile without max_inflight)."""
+
+    limit: int | None
     in_flight: int
     queued: int
-    free: int
+    free: int | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,7 +43,10 @@ class UpstreamCapacity:
     @property
     def batch_free(self) -> int:
         batch = self.lanes.get("batch")
-        return batch.free if batch is not None else self.slots.free
+        for free in (batch.free if batch is not None else None, self.slots.free):
+            if free is not None:
+                return free
+        return 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,7 +67,8 @@ class Capacity:
         free: dict[str, int] = {}
         for up in chosen:
             for name, slots in up.profiles.items():
-                free[name] = free.get(name, 0) + max(0, slots.free)
+                if slots.free is not None:  # None: the guard puts no cap on this profile
+                    free[name] = free.get(name, 0) + max(0, slots.free)
         return free
 
     def _upstream(self, name: str) -> UpstreamCapacity:
@@ -104,11 +110,13 @@ def _slot_map(raw: Any, where: str) -> dict[str, Slots]:
 def _slots(raw: Any, where: str) -> Slots:
     if not isinstance(raw, dict):
         raise ValueError(f"'{where}' is not an object")
+    if "free" not in raw:
+        raise ValueError(f"'{where}.free' is missing")
     return Slots(
-        limit=_int(raw, "limit", where, default=0),
+        limit=_optional_int(raw, "limit", where),
         in_flight=_int(raw, "in_flight", where, default=0),
         queued=_int(raw, "queued", where, default=0),
-        free=_int(raw, "free", where),
+        free=_optional_int(raw, "free", where),
     )
 
 
@@ -118,6 +126,10 @@ def _int(raw: dict[str, Any], key: str, where: str, default: int | None = None) 
         path = where if where == key else f"{where}.{key}"
         raise ValueError(f"'{path}' must be an integer, got {value!r}")
     return value
+
+
+def _optional_int(raw: dict[str, Any], key: str, where: str) -> int | None:
+    return None if raw.get(key) is None else _int(raw, key, where)
 
 
 class CapacityClient:

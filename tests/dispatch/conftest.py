@@ -75,8 +75,9 @@ class CapacityServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
+        self._closed = False
 
     def report_free(self, free: int, profiles: dict[str, int] | None = None) -> None:
         """Report ``free`` batch slots (and per-profile free slots, if given; none limited otherwise)."""
@@ -89,8 +90,10 @@ class CapacityServer:
         }
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        if not self._closed:
+            self._closed = True
+            self._httpd.shutdown()
+            self._httpd.server_close()
 
 
 @pytest.fixture

@@ -39,6 +39,22 @@ def test_negative_free_reads_as_none() -> None:
     assert (cap.batch_free(), cap.batch_free("u"), cap.profile_free()) == (0, 0, {"p": 0})
 
 
+def test_uncapped_profiles_and_lanes_are_no_limit() -> None:
+    # The guard sends null limit/free for a profile it does not cap (and adds fields such as limit_reason).
+    body = {
+        "free": 2,
+        "upstreams": {"u": {
+            "limit": 4, "limit_reason": "fixed", "in_flight": 0, "queued": 0, "free": 4,
+            "lanes": {"batch": {"limit": None, "in_flight": 0, "queued": 0, "free": None}},
+            "profiles": {"chat": {"limit": None, "in_flight": 1, "queued": 0, "free": None},
+                         "reasoning": {"limit": 1, "in_flight": 1, "queued": 0, "free": 0}},
+        }},
+    }
+    cap = parse_capacity(body)
+    assert cap.profile_free() == {"reasoning": 0}
+    assert cap.batch_free("u") == 4  # no batch lane cap: the upstream's own free slots
+
+
 def test_profile_free_sums_over_upstreams_unless_one_is_chosen() -> None:
     up = {"free": 1, "profiles": {"p": {"free": 1}}}
     cap = parse_capacity({"free": 2, "upstreams": {"a": up, "b": up}})
@@ -65,7 +81,10 @@ def test_connection_refused_names_the_url(refused_url: str) -> None:
         (200, b'{"free": "3"}', "'free' must be an integer"),
         (200, b'{"free": 3, "upstreams": {"u": {"free": true}}}', "'upstreams.u.free' must be an integer"),
         (200, b'{"free": 3, "upstreams": {"u": {"free": 1, "profiles": {"p": {}}}}}',
+         "'upstreams.u.profiles.p.free' is missing"),
+        (200, b'{"free": 3, "upstreams": {"u": {"free": 1, "profiles": {"p": {"free": 1.5}}}}}',
          "'upstreams.u.profiles.p.free' must be an integer"),
+        (200, b'{"free": null}', "'free' must be an integer"),
     ],
 )
 def test_bad_answers_fail_closed(capacity_server: CapacityServer, status: int, raw: bytes | None, reason: str) -> None:
