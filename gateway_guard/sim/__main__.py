@@ -24,7 +24,8 @@ It answers /v1/chat/completions, /v1/completions (stream and not, usage included
 /v1/models, /health, /props, /slots, and /metrics with llama.cpp's names (llamacpp:requests_processing,
 llamacpp:requests_deferred, llamacpp:tokens_predicted_total, llamacpp:prompt_tokens_total) plus
 sim:max_concurrent_seen and sim:requests_abandoned_total. It also emulates Ollama's /api/chat,
-/api/generate, /api/ps, /api/show and /api/tags.
+/api/generate, /api/ps, /api/show and /api/tags (--no-ollama turns that off: Hermes probes /api/tags
+and, when it answers, takes the server for Ollama and sends num_ctx).
 
 Modes:
   generate  --slots requests decode at once, each at --tokens-per-second when alone and slower by
@@ -76,6 +77,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SimConfig, argparse.Namespac
     parser.add_argument(
         "--embedding-dim", type=int, default=defaults.embedding_dim, help="embedding size (default: %(default)s)"
     )
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=defaults.context_length,
+        help="context window reported and enforced; Hermes needs >= 64000 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ollama",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.ollama,
+        help="serve the Ollama API emulation (/api/*); --no-ollama answers 404 there, as llama.cpp does, so\n"
+        "clients that probe /api/tags (Hermes) take the sim for llama.cpp (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -88,6 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SimConfig, argparse.Namespac
             batch_slowdown=args.batch_slowdown,
             max_output_tokens=args.max_output_tokens,
             embedding_dim=args.embedding_dim,
+            context_length=args.context_length,
+            ollama=args.ollama,
         )
     except ValueError as error:
         parser.error(str(error))

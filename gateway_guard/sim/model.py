@@ -27,6 +27,9 @@ class SimConfig:
 
     mode: ``generate`` (GPU-like delays), ``scripted`` (delays, and answers Hermes kanban workers with a
     ``kanban_complete`` tool call), ``zero`` (no delays, no slot limit: for measuring proxy overhead).
+    context_length: the window reported to clients (Hermes refuses one under 64K) and enforced on prompts.
+    ollama: serve the Ollama emulation (``/api/*``). Clients such as Hermes probe ``GET /api/tags`` to tell
+    Ollama from llama.cpp; with ``ollama=False`` those routes answer 404 as llama.cpp does.
     """
 
     model_id: str = "sim"
@@ -37,13 +40,15 @@ class SimConfig:
     batch_slowdown: float = 0.25
     max_output_tokens: int = 64
     embedding_dim: int = 16
+    context_length: int = 131072
+    ollama: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(Mode):
             raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(get_args(Mode))}")
         if not self.model_id:
             raise ValueError("model_id: must not be empty")
-        for key in ("slots", "max_output_tokens", "embedding_dim"):
+        for key in ("slots", "max_output_tokens", "embedding_dim", "context_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
         if not self.tokens_per_second > 0:

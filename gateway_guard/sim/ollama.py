@@ -86,7 +86,7 @@ class OllamaEmulation:
             "details": self._details(),
             "expires_at": expires,
             "size_vram": MODEL_SIZE,
-            "context_length": 4096,
+            "context_length": self.config.context_length,
         }
         return {"models": [model]}
 
@@ -94,10 +94,10 @@ class OllamaEmulation:
         self._model_of(body)
         return {
             "modelfile": f"# emulated by gateway_guard.sim\nFROM {self.name}\n",
-            "parameters": f"num_ctx 4096\nnum_predict {self.config.max_output_tokens}",
+            "parameters": f"num_ctx {self.config.context_length}\nnum_predict {self.config.max_output_tokens}",
             "template": "{{ .Prompt }}",
             "details": self._details(),
-            "model_info": {"general.architecture": "llama", "llama.context_length": 4096},
+            "model_info": {"general.architecture": "llama", "llama.context_length": self.config.context_length},
             "capabilities": ["completion", "tools"],
             "modified_at": _now(),
         }

@@ -18,8 +18,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def model_object(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "gateway_guard-sim"}
+def model_object(model_id: str, created: int, context_length: int) -> dict[str, Any]:
+    """As llama.cpp lists its model: the window under ``meta``, not at the top level."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "gateway_guard-sim",
+        "meta": {"n_ctx": context_length, "n_ctx_train": context_length},
+    }
 
 
 @dataclass

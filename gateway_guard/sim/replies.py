@@ -49,6 +49,28 @@ class BadRequest(ValueError):
     """The body is valid JSON but not a request the endpoint understands."""
 
 
+class ContextExceeded(BadRequest):
+    """The prompt alone is longer than the context window (llama.cpp's ``exceed_context_size_error``)."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"request ({prompt_tokens} tokens) exceeds the available context size ({context_length} tokens),"
+            " try increasing it"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+    def body(self) -> dict[str, Any]:
+        error = {"code": 400, "message": str(self), "type": "exceed_context_size_error"}
+        return {"error": error | {"n_prompt_tokens": self.prompt_tokens, "n_ctx": self.context_length}}
+
+
+def check_context(prompt_tokens: int, config: SimConfig) -> int:
+    if prompt_tokens > config.context_length:
+        raise ContextExceeded(prompt_tokens, config.context_length)
+    return prompt_tokens
+
+
 def estimate_tokens(text: str) -> int:
     """About four characters a token; at least one."""
     return max(1, math.ceil(len(text) / 4))

@@ -3,7 +3,9 @@
 Served by uvicorn (``python -m gateway_guard.sim``) or mounted in-process: ``build_sim_app(SimConfig(...))``.
 Endpoints: ``/health``, ``/v1/models[/{id}]``, ``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/embeddings`` (each also without ``/v1``), ``/metrics`` (llama.cpp's names plus ``sim:*``), ``/props``,
-``/slots``, and an emulation of Ollama's native ``/api/*`` routes (see ``ollama.py``).
+``/slots``, and an emulation of Ollama's native ``/api/*`` routes (``ollama.py``). With
+``SimConfig(ollama=False)`` ``/api/*`` answers 404 as llama.cpp does, so clients that probe ``/api/tags`` to
+spot Ollama (Hermes does) take the sim for llama.cpp.
 
 A client that disconnects mid-request ends its generation at once and frees its slot, as llama.cpp does.
 """
@@ -38,9 +40,11 @@ from gateway_guard.sim.ollama import OllamaEmulation, OllamaError
 from gateway_guard.sim.openai_wire import ChatWire, TextWire, model_object
 from gateway_guard.sim.replies import (
     BadRequest,
+    ContextExceeded,
     Reply,
     chat_prompt_tokens,
     chat_reply,
+    check_context,
     completion_prompt_tokens,
     estimate_tokens,
     output_limit,
@@ -141,27 +145,20 @@ class SimApp:
         if path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/models":
-            await send_json(send, 200, {"object": "list", "data": [model_object(cfg.model_id, self.started)]})
+            await send_json(
+                send, 200, {"object": "list", "data": [model_object(cfg.model_id, self.started, cfg.context_length)]}
+            )
         elif path.startswith("/models/"):
             model_id = urllib.parse.unquote(path.removeprefix("/models/"))
             if model_id == cfg.model_id:
-                await send_json(send, 200, model_object(cfg.model_id, self.started))
+                await send_json(send, 200, model_object(cfg.model_id, self.started, cfg.context_length))
             else:
                 error = openai_error(f"The model '{model_id}' does not exist", code="model_not_found")
                 await send_json(send, 404, error)
         elif path == "/metrics":
             await send_bytes(send, 200, metrics_text(stats).encode(), METRICS_TYPE)
         elif path == "/props":
-            await send_json(
-                send,
-                200,
-                {
-                    "total_slots": cfg.slots,
-                    "model_alias": cfg.model_id,
-                    "model_path": cfg.model_id,
-                    "build_info": "gateway_guard-sim",
-                },
-            )
+            await send_json(send, 200, self._props())
         elif path == "/slots":
             query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
             if query.get("fail_on_no_slot", ["0"])[0] not in ("0", "") and stats.requests_processing >= cfg.slots:
@@ -169,11 +166,11 @@ class SimApp:
                 return
             slots = [{"id": i, "is_processing": i < stats.requests_processing} for i in range(cfg.slots)]
             await send_json(send, 200, slots)
-        elif path == "/api/tags":
+        elif path == "/api/tags" and cfg.ollama:
             await send_json(send, 200, self.ollama.tags())
-        elif path == "/api/ps":
+        elif path == "/api/ps" and cfg.ollama:
             await send_json(send, 200, self.ollama.ps())
-        elif path == "/api/version":
+        elif path == "/api/version" and cfg.ollama:
             await send_json(send, 200, {"version": "0.0.0-sim"})
         else:
             await send_json(send, 404, openai_error(f"no route GET {path}", type_="not_found_error", code=404))
@@ -190,6 +187,9 @@ class SimApp:
             return
         try:
             work = self._work(path, body, send)
+        except ContextExceeded as error:
+            await send_json(send, 400, error.body())
+            return
         except BadRequest as error:
             await send_json(send, 400, openai_error(str(error), code="invalid_request"))
             return
@@ -208,18 +208,22 @@ class SimApp:
         include_usage = isinstance(stream_options, Mapping) and bool(stream_options.get("include_usage"))
         model = str(body.get("model") or self.config.model_id)
         if path == "/chat/completions":
-            chat = ChatWire(model, chat_reply(body, self.config), chat_prompt_tokens(body))
+            prompt_tokens = check_context(chat_prompt_tokens(body), self.config)
+            chat = ChatWire(model, chat_reply(body, self.config), prompt_tokens)
             if stream:
                 return self._stream(send, chat, include_usage)
             return self._complete(send, chat.reply, chat.prompt_tokens, chat.completion)
         if path == "/completions":
             n_tokens, hit_limit = output_limit(requested_max_tokens(body), self.config.max_output_tokens)
-            text = TextWire(model, text_reply(n_tokens, hit_limit), completion_prompt_tokens(body))
+            prompt_tokens = check_context(completion_prompt_tokens(body), self.config)
+            text = TextWire(model, text_reply(n_tokens, hit_limit), prompt_tokens)
             if stream:
                 return self._stream(send, text, include_usage)
             return self._complete(send, text.reply, text.prompt_tokens, text.completion)
         if path == "/embeddings":
             return self._embeddings(send, embedding_inputs(body), model)
+        if not self.config.ollama:
+            return None
         if path == "/api/chat":
             return self.ollama.chat(body, send)
         if path == "/api/generate":
@@ -227,6 +231,19 @@ class SimApp:
         if path == "/api/show":
             return send_json(send, 200, self.ollama.show(body))
         return None
+
+    def _props(self) -> dict[str, Any]:
+        """llama.cpp's ``/props`` keys that clients read: Hermes identifies llama.cpp by
+        ``default_generation_settings``; the guard reads ``total_slots``."""
+        cfg = self.config
+        settings = {"n_ctx": cfg.context_length, "params": {"n_predict": -1}}
+        return {
+            "default_generation_settings": settings,
+            "total_slots": cfg.slots,
+            "model_alias": cfg.model_id,
+            "model_path": cfg.model_id,
+            "build_info": "gateway_guard-sim",
+        }
 
     async def _complete(self, send: Send, reply: Reply, prompt_tokens: int, answer: Any) -> None:
         async with contextlib.aclosing(self.gpu.generate(prompt_tokens, len(reply.pieces))) as tokens:

@@ -225,6 +225,26 @@ async def test_ollama_emulation_chat_ndjson_and_generate() -> None:
     assert ps["models"][0]["name"] == tags["models"][0]["name"] == "sim:latest"
 
 
+async def test_without_ollama_the_sim_looks_like_llamacpp_to_server_probes() -> None:
+    """Hermes tells servers apart by probing /api/tags (Ollama) then /props (llama.cpp); it refuses a window
+    under 64K and sends ~19K-token prompts."""
+    async with client_for(fast(context_length=100, ollama=False)) as client:
+        tags = await client.get("/api/tags")
+        chat = await client.post("/api/chat", json={"model": "sim", "messages": []})
+        props = (await client.get("/props")).json()
+        model = (await client.get("/v1/models/sim")).json()
+        too_long = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 404}]}
+        )
+    assert tags.status_code == chat.status_code == 404
+    assert props["default_generation_settings"]["n_ctx"] == 100 and props["total_slots"] == 4
+    assert model["meta"]["n_ctx"] == 100
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["type"] == "exceed_context_size_error"
+    assert too_long.json()["error"]["n_prompt_tokens"] == 101
+    assert SimConfig().context_length >= 64_000
+
+
 async def test_requests_beyond_the_slots_show_as_deferred_in_metrics_and_slots() -> None:
     permits = Permits()
     app = build_sim_app(SimConfig(slots=2, max_output_tokens=1), sleep=permits.sleep)
