@@ -141,10 +141,18 @@ def write_random_llama_gguf(path: Path, size: ModelSize, *, seed: int = 0) -> No
     os.replace(tmp, path)
 
 
-def serve(model: Path, *, host: str = HOST, port: int, slots: int = 4, ctx: int = 4096, threads: int = 2) -> None:
+DEFAULT_THREADS = 1  # see serve()
+
+
+def serve(
+    model: Path, *, host: str = HOST, port: int, slots: int = 4, ctx: int = 4096, threads: int = DEFAULT_THREADS
+) -> None:
     """Run llama.cpp's HTTP server in this process (metrics, slots, props on) until SIGTERM or SIGINT.
 
     ``ctx`` is the server's whole KV context (llama-server ``-c``), shared by the ``slots``.
+    ``threads`` defaults to 1: on these 2-core machines, with the guard, a load generator or other tests
+    running beside it, 2 threads (spin-waiting at each barrier) fell from ~125 to 7-9 tokens/s on "med"
+    single-stream, measured back to back; pass 2 only on an otherwise idle machine.
     """
     import xllamacpp as xlc
 
@@ -218,7 +226,9 @@ def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, timeout: float, 
 
 
 @contextlib.contextmanager
-def llamacpp_server(model: str | Path = "tiny", *, slots: int = 4, ctx: int = 4096, threads: int = 2) -> Iterator[str]:
+def llamacpp_server(
+    model: str | Path = "tiny", *, slots: int = 4, ctx: int = 4096, threads: int = DEFAULT_THREADS
+) -> Iterator[str]:
     """A real llama.cpp server process on a free 127.0.0.1 port; yields its base URL (no ``/v1``).
 
     ``model`` is a size name from ``SIZES`` (generated and cached on first use) or a GGUF path.
@@ -261,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument("--port", type=int, required=True)
     srv.add_argument("--slots", type=int, default=4, help="parallel sequences (llama-server -np)")
     srv.add_argument("--ctx", type=int, default=4096, help="whole KV context shared by the slots (-c)")
-    srv.add_argument("--threads", type=int, default=2)
+    srv.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="CPU threads (-t); see serve()")
     args = parser.parse_args(argv)
     if args.command == "model":
         print(ensure_model(args.size))
