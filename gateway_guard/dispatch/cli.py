@@ -157,6 +157,7 @@ def run(
             "max_means": "board running cap: --max running+add" if meaning == "running_cap"
             else "spawns per pass: --max add", "board": board.slug, "guard": capacity.url,
             "ticks": options.ticks, "dry_run": options.dry_run,
+            "startup_hermes_ms": round(sum(c.seconds for c in hermes.calls) * 1000, 1),
         }
         if options.dry_run:
             print(format_line(start, as_json=config.log_json), file=out, flush=True)

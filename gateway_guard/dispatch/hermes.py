@@ -126,6 +126,14 @@ class DispatchOutcome:
     promoted: int = 0
     skipped: Mapping[str, int] = field(default_factory=dict)
 
+    def then(self, later: DispatchOutcome) -> DispatchOutcome:
+        """Two passes of one tick as one: the later pass's --max and skips, both passes' counts."""
+        return DispatchOutcome(
+            max=later.max, spawned=self.spawned + later.spawned, reclaimed=self.reclaimed + later.reclaimed,
+            crashed=self.crashed + later.crashed, timed_out=self.timed_out + later.timed_out,
+            promoted=self.promoted + later.promoted, skipped=later.skipped,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Call:

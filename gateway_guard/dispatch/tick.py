@@ -134,6 +134,10 @@ class Ticker:
         finally:
             report.guard_s = time.perf_counter() - guard_started
         try:
+            # Reclaim first (crashed, timed-out, stale workers; todo -> ready promotions), then count: a pass
+            # that reclaimed cards while spawning would otherwise start more than the guard has room for,
+            # because --max counts the cards still running when Hermes gets to the spawning.
+            housekeeping = None if self.dry_run else self.hermes.dispatch(self.board, 0)
             running = self.hermes.running()
             ready = self.hermes.ready() if needs_queue(self.policy, profile_free) else None
             decision = decide(
@@ -142,7 +146,8 @@ class Ticker:
             )
             report.decision, report.stopped = decision, decision.stopped
             report.max = self.meaning.max_for(decision.running, decision.add)
-            if self.dry_run:
+            report.outcome = housekeeping
+            if self.dry_run or decision.add == 0:
                 return
             outcome = self.hermes.dispatch(self.board, report.max)
         except BoardLocked as exc:
@@ -151,5 +156,5 @@ class Ticker:
         except HermesError as exc:
             report.failure, report.stopped, report.error = Failure.HERMES_FAILED, "hermes_failed", str(exc)
             return
-        report.outcome = outcome
+        report.outcome = outcome if housekeeping is None else housekeeping.then(outcome)
         report.overshoot = pool_overshoot(self.policy, decision, [who for _, who in outcome.spawned])

@@ -131,6 +131,7 @@ task="$HERMES_KANBAN_TASK"
 echo "$task $HERMES_PROFILE" >> "{started}"
 i=0
 while [ ! -e "{release}/$task" ] && [ ! -e "{release}/ALL" ]; do
+  if [ -e "{release}/$task.die" ]; then rm -f "{release}/$task.die"; exit 1; fi  # crash (once)
   i=$((i + 1))
   if [ "$i" -gt 6000 ]; then echo "never released: $task" >&2; exit 3; fi
   sleep 0.02
@@ -182,6 +183,9 @@ class HermesBoard:
         self.worker.chmod(0o755)
         self.env = hermes_env(self.home, self.worker)
         self.db = self.home / "kanban.db"
+        self._conn: sqlite3.Connection | None = None
+        self._conn_lock = threading.Lock()
+        self._query("SELECT 1 FROM tasks LIMIT 1")  # open (and lock) before any hermes call writes
 
     def cli(self, *args: str) -> str:
         return run_hermes(self.hermes, self.env, *args)
@@ -199,11 +203,22 @@ class HermesBoard:
             return list(pool.map(one, range(len(assignees))))
 
     def _query(self, sql: str) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(self.db, timeout=30)
-        try:
-            return conn.execute(sql).fetchall()
-        finally:
-            conn.close()
+        # One connection for the whole test, closed only after every worker is done. Hermes 0.19.0 drops
+        # its own POSIX locks on kanban.db after each commit (a plain open()/close() of the file in
+        # _check_file_length_invariant), so a reader that closes its connection meanwhile may think it
+        # is the last one, checkpoint and delete the WAL, and the dispatcher's later writes are lost
+        # (claimed cards fall back to 'ready' while their workers run). A connection held open keeps
+        # the shared lock that stops any closer from deleting the WAL. See docs/dispatch.md.
+        with self._conn_lock:
+            if self._conn is None:
+                self._conn = sqlite3.connect(self.db, timeout=30, check_same_thread=False)
+            return self._conn.execute(sql).fetchall()
+
+    def close(self) -> None:
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def counts(self) -> dict[str, int]:
         return {s: n for s, n in self._query("SELECT status, COUNT(*) FROM tasks GROUP BY status")}
@@ -215,6 +230,11 @@ class HermesBoard:
     def release(self, *task_ids: str) -> None:
         for task_id in task_ids:
             (self.release_dir / task_id).touch()
+
+    def crash(self, *task_ids: str) -> None:
+        """Make these cards' workers exit without completing them (Hermes sees a crash on its next pass)."""
+        for task_id in task_ids:
+            (self.release_dir / f"{task_id}.die").touch()
 
     def release_all(self) -> None:
         (self.release_dir / "ALL").touch()
@@ -281,6 +301,7 @@ def board(hermes_bin: Path, hermes_template: Path, tmp_path: Path) -> Iterator[H
         except sqlite3.DatabaseError:  # a test broke the board on purpose
             break
         time.sleep(0.05)
+    b.close()
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def test_twelve_cards_target_three_never_more_than_three_running(
     code, lines, output = tick(board, capacity_server.url, target=3, ticks=7, sleep=between)
 
     assert code is ExitCode.OK, output
-    assert board.counts() == {"done": 12}
+    assert board.counts() == {"done": 12}, output
     assert monitor.max_running == 3
     assert after_tick == [3, 3, 3, 3, 3, 3]
     assert [line["spawned"] for line in lines] == [3, 1, 3, 1, 3, 1, 0]
@@ -149,9 +149,36 @@ def test_board_locked_by_another_dispatcher_is_reported_not_retried(
         os.close(fd)
 
     assert code is ExitCode.BOARD_LOCKED
-    assert (lines[0]["stopped"], lines[0]["asked"], lines[0]["spawned"]) == ("board_locked", 2, None)
+    assert (lines[0]["stopped"], lines[0]["asked"], lines[0]["spawned"]) == ("board_locked", 0, None)
     assert str(lock_path) in lines[0]["error"]
     assert board.counts() == {"ready": 2}
+
+
+def test_crashed_workers_are_reclaimed_before_counting_so_free_slots_still_bound_the_spawns(
+    board: HermesBoard, capacity_server: CapacityServer, monitor: RunningMonitor
+) -> None:
+    board.env["HERMES_KANBAN_CRASH_GRACE_SECONDS"] = "0"
+    board.create(["worker1", "worker2", "worker1", "worker2"], priorities=[4, 3, 2, 1])
+    capacity_server.report_free(2)
+    assert tick(board, capacity_server.url, target=2)[0] is ExitCode.OK
+    dead = [task for task, _ in board.running()]
+    assert len(dead) == 2
+    board.crash(*dead)
+    board.wait_until("both workers gone", lambda: not _alive_workers(board), timeout=15)
+    capacity_server.report_free(1)
+
+    code, lines, output = tick(board, capacity_server.url, target=3)
+
+    # Two dead cards still count as running until a pass reclaims them; counting before that pass would
+    # give --max 2 + 1 = 3 and Hermes, finding none running, would start 3 workers into 1 free slot.
+    assert code is ExitCode.OK, output
+    assert (lines[0]["crashed"], lines[0]["running"], lines[0]["asked"], lines[0]["spawned"]) == (2, 0, 1, 1)
+    assert len(board.running()) == 1
+
+
+def _alive_workers(board: HermesBoard) -> bool:
+    proc = subprocess.run(["pgrep", "-f", str(board.worker)], capture_output=True, text=True, check=False)
+    return bool(proc.stdout.strip())
 
 
 def test_pools_hold_the_reasoning_profile_to_one_card(
