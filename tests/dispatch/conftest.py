@@ -7,6 +7,7 @@ replaced (``HERMES_BIN``) by a script that holds its card until the test release
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -110,6 +112,50 @@ def refused_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def guard_process(args: list[str], log: Path, *, port: int) -> Iterator[str]:
+    """The real guard (``gateway-guard ARGS --port PORT``) as its own process; yields its base URL.
+
+    Its stderr (the access log) goes to ``log``. Waits until ``/guard/capacity`` answers; stops it by PID.
+    """
+    from gateway_guard.dispatch.capacity import CapacityClient, CapacityUnavailable
+
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from gateway_guard.cli import main; main()", *args, "--port", str(port)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file,
+            env={k: v for k, v in os.environ.items() if not k.startswith("GUARD")},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            with CapacityClient(url, timeout_s=0.5) as client:
+                while True:
+                    try:
+                        client.fetch()
+                        break
+                    except CapacityUnavailable:
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            pytest.fail(f"the guard did not start on {url}: {log.read_text()[-2000:]}")
+                        time.sleep(0.05)  # polling a foreign process: there is no event to wait on
+            yield url
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 # ---------------------------------------------------------------------------------------------- hermes

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway_guard.dispatch.capacity import CapacityClient, CapacityUnavailable
+from gateway_guard.dispatch.capacity import CapacityClient
 from gateway_guard.dispatch.cli import ExitCode, Options, run
-from tests.dispatch.conftest import REPO, HermesBoard
+from tests.dispatch.conftest import HermesBoard, free_port, guard_process
 
 pytest.importorskip("gateway_guard.app.factory", reason="the guard (gateway_guard.app) is not in this tree")
 
@@ -83,36 +80,11 @@ def upstream() -> Iterator[HoldingUpstream]:
 
 
 @pytest.fixture
-def guard_url(upstream: HoldingUpstream) -> Iterator[str]:
+def guard_url(upstream: HoldingUpstream, tmp_path: Path) -> Iterator[str]:
     """The real guard, ``gateway-guard --upstream URL --max-inflight 3 --port P``, in its own process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from gateway_guard.cli import main; main()", "--upstream", upstream.url,
-         "--max-inflight", "3", "--port", str(port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    with CapacityClient(url, timeout_s=0.5) as client:
-        while True:
-            try:
-                client.fetch()
-                break
-            except CapacityUnavailable:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    _, err = proc.communicate()
-                    pytest.fail(f"the guard did not start on {url}: {err[-2000:]}")
-                time.sleep(0.05)
-    yield url
-    proc.terminate()
-    try:
-        proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    args = ["--upstream", upstream.url, "--max-inflight", "3"]
+    with guard_process(args, tmp_path / "guard.log", port=free_port()) as url:
+        yield url
 
 
 def send_batch_request(guard_url: str) -> threading.Thread:

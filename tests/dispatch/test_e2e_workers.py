@@ -1,0 +1,99 @@
+"""End to end: real Hermes workers -> the real guard -> the simulated upstream in its scripted mode.
+
+Six cards, target 2, guard cap 2. guard-dispatch runs as cron would (a few ticks a run); each worker is
+the real ``hermes -p PROFILE chat`` with its profile's base URL and key pointing at the guard, and the
+sim answers its first turn with a ``kanban_complete`` tool call and the next with a short text.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gateway_guard.dispatch.cli import ExitCode, Options, run
+from tests.dispatch.conftest import HermesBoard, RunningMonitor, free_port, guard_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.hermes]
+pytest.importorskip("gateway_guard.sim.server", reason="the simulated upstream is not in this tree")
+support = pytest.importorskip("tests.support.llamacpp", reason="tests/support (sim process helper) missing")
+
+PROFILES = {"worker1": "sk-e2e-worker1", "worker2": "sk-e2e-worker2"}
+CHAT = re.compile(r"POST /v1/chat/completions status=(\d+) outcome=(\S+) lane=(\S+) profile=(\S+)")
+
+GUARD_CONFIG = """
+[server]
+host = "127.0.0.1"
+default_lane = "batch"
+
+[lanes.batch]
+headroom = 0
+
+[upstreams.sim]
+url = "{sim}"
+max_inflight = 2
+
+[profiles.worker1]
+lane = "batch"
+
+[profiles.worker2]
+lane = "batch"
+
+[keys]
+worker1 = "sk-e2e-worker1"
+worker2 = "sk-e2e-worker2"
+"""
+
+
+@pytest.fixture
+def sim_url() -> Iterator[str]:
+    with support.sim_server(mode="scripted", no_ollama=True, slots=4) as url:
+        yield url
+
+
+def test_six_cards_real_workers_through_the_guard(
+    board: HermesBoard, monitor: RunningMonitor, sim_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "guard.toml"
+    config.write_text(GUARD_CONFIG.format(sim=sim_url))
+    log = tmp_path / "guard.log"
+    with guard_process(["--config", str(config)], log, port=free_port()) as guard_url:
+        board.env["HERMES_BIN"] = str(board.hermes)  # real workers this time
+        settings = [(p, k, v) for p, key in PROFILES.items() for k, v in (
+            ("model.provider", "custom"), ("model.base_url", f"{guard_url}/v1"), ("model.api_key", key),
+            ("model.default", "sim"))]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda s: board.cli("-p", s[0], "config", "set", s[1], s[2]), settings))
+        ids = board.create(["worker1", "worker2"] * 3, priorities=[6, 5, 4, 3, 2, 1])
+        started = time.monotonic()
+        runs: list[list[dict[str, object]]] = []
+        deadline = started + 300
+        while board.counts().get("done", 0) < len(ids) and time.monotonic() < deadline:
+            out = io.StringIO()
+            code = run(Options(hermes=str(board.hermes), guard_url=guard_url, target=2, ticks=3, interval=3,
+                               log_json=True), env=board.env, out=out, err=out)
+            assert code is ExitCode.OK, out.getvalue()
+            runs.append([json.loads(line) for line in out.getvalue().splitlines() if '"tick"' in line])
+        elapsed = time.monotonic() - started
+
+    ticks = [t for r in runs for t in r]
+    counts = board.counts()
+    assert counts == {"done": 6}, (counts, ticks)
+    assert monitor.max_running == 2
+    assert all(int(str(t["running"])) + int(str(t["asked"])) <= 2 for t in ticks)
+    calls = CHAT.findall(log.read_text())
+    per_profile = {p: sum(1 for c in calls if c[3] == p) for p in PROFILES}
+    # Each card: one turn answered with kanban_complete, one after its result; no retries, no errors.
+    assert per_profile == {"worker1": 6, "worker2": 6}, calls
+    assert {(status, outcome, lane) for status, outcome, lane, _ in calls} == {("200", "admitted", "batch")}
+    for task in ids:
+        events = {e["kind"] for e in json.loads(board.cli("kanban", "show", task, "--json"))["events"]}
+        assert "completed" in events and not events & {"crashed", "blocked", "spawn_failed", "timed_out"}, events
+    print(f"\n6 cards done in {elapsed:.1f} s over {len(ticks)} ticks ({len(runs)} guard-dispatch runs); "
+          f"max running {monitor.max_running}; chat calls per profile {per_profile}")
