@@ -39,8 +39,12 @@ def upstream_request_headers(client: list[tuple[str, str]], api_key: str | None)
     return out
 
 
+# The guard's own server (uvicorn) writes these; passing the upstream's on would send each twice.
+RESPONSE_DROP = HOP_BY_HOP | {"server", "date"}
+
+
 def client_response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     pairs = list(upstream)
     as_text = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in pairs]
-    drop = HOP_BY_HOP | _connection_tokens(as_text)
+    drop = RESPONSE_DROP | _connection_tokens(as_text)
     return [(n, v) for (n, v), (low, _) in zip(pairs, as_text, strict=True) if low not in drop]

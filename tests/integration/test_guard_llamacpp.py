@@ -155,13 +155,6 @@ async def test_client_disconnect_mid_stream_stops_generation_and_frees_the_permi
         await wait_all_free(client, guard, timeout=2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the guard forwards the upstream's Server (and Date) header and uvicorn adds its own, so a "
-    "response carries two Server lines ('llama.cpp' and 'uvicorn'; two Date lines in front of a uvicorn "
-    "upstream); upstream/headers.py client_response_headers should drop 'server' and 'date'",
-)
 async def test_a_forwarded_response_has_one_server_and_one_date_header(guard: str) -> None:
     async with httpx.AsyncClient(timeout=10.0) as client:
         response = await client.get(f"{guard}/v1/models")
