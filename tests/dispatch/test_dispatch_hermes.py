@@ -8,12 +8,14 @@ cards every 10 ms, so a brief overshoot between two ticks would be seen too.
 from __future__ import annotations
 
 import fcntl
+import functools
 import io
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -211,17 +213,38 @@ def test_pools_hold_the_reasoning_profile_to_one_card(
     assert monitor.max_by_profile == {"worker1": 1, "worker2": 3}
 
 
-def test_dry_run_computes_a_tick_and_dispatches_nothing(
-    board: HermesBoard, capacity_server: CapacityServer
+def test_dry_run_follows_the_time_window_of_the_injected_clock_and_dispatches_nothing(
+    board: HermesBoard, capacity_server: CapacityServer, tmp_path: Path
 ) -> None:
-    board.create(["worker1", "worker2", "worker1"])
+    config = tmp_path / "dispatch.toml"
+    config.write_text('target = 2\ntimezone = "Europe/Berlin"\n'
+                      '[[window]]\nname = "day"\nstart = "08:00"\nend = "20:00"\ntarget = 1\n'
+                      '[[window]]\nname = "night"\nstart = "20:00"\nend = "08:00"\ntarget = 6\n')
+    board.create(["worker1", "worker2", "worker1", "worker2"])
     capacity_server.report_free(3)
+    seen = []
+    for utc_hour in (10, 23):  # 11:00 and 00:00 in Berlin
+        out = io.StringIO()
+        code = run(Options(hermes=str(board.hermes), guard_url=capacity_server.url, config=config, dry_run=True,
+                           log_json=True), env=board.env, out=out, err=out, clock=functools.partial(
+                               datetime, 2026, 11, 23, utc_hour, 0, tzinfo=UTC))
+        assert code is ExitCode.OK, out.getvalue()
+        line = json.loads(out.getvalue().splitlines()[-1])
+        seen.append((line["window"], line["target"], line["asked"], line["max"], line["spawned"], line["dry_run"]))
 
-    code, lines, _ = tick(board, capacity_server.url, target=2, dry_run=True)
+    assert seen == [("day", 1, 1, 1, None, True), ("night", 6, 3, 3, None, True)]
+    assert board.counts() == {"ready": 4}
 
-    assert code is ExitCode.OK
-    assert (lines[0]["dry_run"], lines[0]["asked"], lines[0]["max"], lines[0]["spawned"]) == (True, 2, 2, None)
-    assert board.counts() == {"ready": 3}
+
+def test_status_with_the_guard_down_still_shows_the_board(board: HermesBoard, refused_url: str) -> None:
+    board.create(["worker1"])
+
+    code, _, output = tick(board, refused_url, target=2, command="status")
+
+    assert code is ExitCode.GUARD_UNAVAILABLE
+    assert f"{refused_url}  UNREACHABLE" in output
+    assert any(line.split()[:4] == ["worker1", "-", "1", "0"] for line in output.splitlines()), output
+    assert "a tick now would dispatch nothing (guard unreachable: fail closed)" in output
 
 
 def test_status_shows_the_board_beside_the_guard(board: HermesBoard, capacity_server: CapacityServer) -> None:
