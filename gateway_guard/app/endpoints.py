@@ -12,6 +12,7 @@ from gateway_guard.admission.gate import AdmissionGate, Gate, SlotView
 from gateway_guard.app.asgi import is_admin
 from gateway_guard.app.state import GuardState
 from gateway_guard.errors import ClientError, Forbidden, GuardError, NotFound
+from gateway_guard.telemetry import METRICS_CONTENT_TYPE
 
 
 def capacity_payload(gates: dict[str, AdmissionGate], batch_lane: str = "batch") -> dict[str, Any]:
@@ -54,6 +55,12 @@ async def capacity(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text: the guard's own metrics and the upstreams' saturation gauges, read now."""
+    telemetry = _state(request).telemetry
+    return Response(await telemetry.metrics(), media_type=METRICS_CONTENT_TYPE)
 
 
 async def ready(request: Request) -> Response:

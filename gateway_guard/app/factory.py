@@ -37,6 +37,7 @@ def build_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None 
         Route("/guard/health", endpoints.health, methods=["GET"]),
         Route("/guard/ready", endpoints.ready, methods=["GET"]),
         Route("/guard/upstreams/{name}/limit", endpoints.set_limit, methods=["POST"]),
+        Route("/metrics", endpoints.metrics, methods=["GET"]),
         Route("/{path:path}", proxy, methods=methods),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -47,7 +47,8 @@ class ProxyHandler:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = RequestRecord(method=scope["method"], path=scope["path"])
-        started = time.perf_counter()
+        self.state.telemetry.request_started(record, scope["headers"])
+        started = record.started
         sent = _SendTracker(send)
         try:
             await self._handle(scope, receive, sent, record)
@@ -81,6 +82,7 @@ class ProxyHandler:
             if not needs_permit(scope["method"], cls.path):
                 await self._forward(scope, upstream, headers, body, send, record)
                 return
+            record.queue_entered = time.perf_counter()
             permit = await state.gates[upstream.name].acquire(cls.lane, cls.profile)
             record.queue_wait = permit.queue_wait
             record.outcome = Outcome.ADMITTED
@@ -96,10 +98,12 @@ class ProxyHandler:
         send: _SendTracker,
         record: RequestRecord,
     ) -> None:
-        t0 = time.perf_counter()
+        t0 = record.upstream_started = time.perf_counter()
+        headers = self.state.telemetry.upstream_headers(record, headers)  # the guard's traceparent when tracing
         response = await upstream.send(scope["method"], record.path, scope["query_string"], headers, body)
         try:
             record.status = response.status
+            record.streamed = "event-stream" in response.content_type or "ndjson" in response.content_type
             extra = [(b"x-guard-lane", (record.lane or "").encode()), (b"x-guard-upstream", upstream.name.encode())]
             await send.start(response.status, client_response_headers(response.raw_headers) + extra)
             meter = UsageMeter(response.content_type)

@@ -36,8 +36,10 @@ class GuardState:
             for name, up in settings.upstreams.items()
         }
         upstreams = {name: Upstream(up, transport=transport) for name, up in settings.upstreams.items()}
-        return cls(settings, Classifier(settings), gates, upstreams, Telemetry(log_json=settings.server.log_json))
+        telemetry = Telemetry.from_settings(settings, gates, upstreams)
+        return cls(settings, Classifier(settings), gates, upstreams, telemetry)
 
     async def aclose(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        await self.telemetry.aclose()

@@ -1,21 +1,23 @@
-"""Logs, metrics and traces of each request: the only module that will import opentelemetry / prometheus_client.
-
-The proxy fills one ``RequestRecord`` per request and hands it to ``Telemetry.request_finished``.
-"""
+"""What the proxy writes down about one request; read once, at its end, by logs, metrics and traces."""
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from gateway_guard.errors import Outcome
-
-access_log = logging.getLogger("gateway_guard.access")
 
 
 @dataclass(slots=True)
 class RequestRecord:
+    """One request. Times are ``time.perf_counter()`` seconds; durations are seconds.
+
+    The proxy marks ``queue_entered`` just before it asks the gate for a permit and ``upstream_started`` just
+    before it sends upstream; from those and ``started`` / ``duration`` the trace's child spans are drawn after
+    the fact (nothing but a float per phase is spent while the request runs).
+    """
+
     method: str
     path: str
     lane: str | None = None
@@ -26,33 +28,19 @@ class RequestRecord:
     outcome: Outcome = Outcome.PASSTHROUGH
     queue_wait: float = 0.0
     duration: float = 0.0
-    ttfb: float | None = None
+    ttfb: float | None = None  # first response byte, seconds after upstream_started
     bytes_out: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    queue_entered: float | None = None
+    upstream_started: float | None = None
+    streamed: bool = False  # the upstream answered with an SSE / NDJSON stream
+    trace_id: str | None = None  # 32 hex digits: the guard's trace, else the client's traceparent
+    trace: Any = field(default=None, repr=False)  # the live spans while tracing is on (telemetry.tracing)
 
-
-class Telemetry:
-    def __init__(self, *, log_json: bool = False) -> None:
-        self._log_json = log_json
-
-    def request_finished(self, record: RequestRecord) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        if self._log_json:
-            access_log.info(json.dumps({k: v for k, v in asdict(record).items() if v is not None}))
-            return
-        access_log.info(
-            "%s %s status=%d outcome=%s lane=%s profile=%s upstream=%s wait=%.3fs duration=%.3fs%s",
-            record.method,
-            record.path,
-            record.status,
-            record.outcome.value,
-            record.lane or "-",
-            record.profile or "-",
-            record.upstream or "-",
-            record.queue_wait,
-            record.duration,
-            f" error={record.error!r}" if record.error else "",
-        )
+    @property
+    def admitted(self) -> bool:
+        """A permit was granted (the request went to the upstream through the gate)."""
+        return self.queue_entered is not None and self.upstream_started is not None

@@ -1,0 +1,266 @@
+"""Prometheus metrics of one guard, in a registry of its own (two guards in one process never collide).
+
+Per request (counted when it ends): ``gateway_guard_requests_total{upstream,lane,outcome}``, the queue wait,
+upstream latency and time-to-first-token histograms, and token counters per profile.
+
+Read at scrape time, so there is no second set of books to drift: the gates' own snapshots
+(``gateway_guard_in_flight``, ``_queued``, ``_limit``, ...) and, where the upstream exposes them on its
+``/metrics``, its own saturation gauges (llama.cpp ``llamacpp:requests_processing`` / ``requests_deferred``,
+vLLM ``vllm:num_requests_running`` / ``num_requests_waiting``), read with a short timeout.
+
+Label values stay few: upstreams and lanes come from the config, outcomes from ``Outcome``; profiles are the
+configured ones plus the first ``MAX_EXTRA_PROFILES`` others seen (a client may name any profile in a path or
+header), then ``other``. A request that ended before it had a lane or an upstream is labelled ``none``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from gateway_guard.admission.gate import AdmissionGate
+from gateway_guard.errors import GuardError
+from gateway_guard.telemetry.record import RequestRecord
+from gateway_guard.upstream.client import Upstream
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+NONE = "none"
+OTHER = "other"
+MAX_EXTRA_PROFILES = 32
+UPSTREAM_METRICS_TIMEOUT = 0.5
+
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# The upstream's own gauges, by server: ours <- theirs (summed over their label sets).
+UPSTREAM_GAUGES: dict[str, tuple[str, ...]] = {
+    "requests_processing": ("llamacpp:requests_processing", "vllm:num_requests_running"),
+    "requests_deferred": ("llamacpp:requests_deferred", "vllm:num_requests_waiting"),
+}
+
+
+class ProfileLabels:
+    """Profile name -> label value, bounded: configured profiles, then the first few others, then ``other``."""
+
+    __slots__ = ("_extra", "_known", "_max_extra")
+
+    def __init__(self, known: Iterable[str], max_extra: int = MAX_EXTRA_PROFILES) -> None:
+        self._known = set(known)
+        self._extra: set[str] = set()
+        self._max_extra = max_extra
+
+    def __call__(self, profile: str | None) -> str:
+        if profile is None:
+            return NONE
+        if profile in self._known or profile in self._extra:
+            return profile
+        if len(self._extra) < self._max_extra:
+            self._extra.add(profile)
+            return profile
+        return OTHER
+
+
+class GuardMetrics:
+    def __init__(
+        self,
+        gates: Mapping[str, AdmissionGate],
+        upstreams: Mapping[str, Upstream],
+        profiles: Iterable[str] = (),
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._upstreams = upstreams
+        self._profile = ProfileLabels(profiles)
+        reg = self.registry
+        self.requests = Counter(
+            "gateway_guard_requests",
+            "Requests that ended, by how they ended (admitted, rejected_queue_full, expired_deadline, ...)",
+            ["upstream", "lane", "outcome"],
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "gateway_guard_queue_wait_seconds",
+            "Time an admitted request waited in the gate's queue for a permit",
+            ["upstream", "lane"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_latency = Histogram(
+            "gateway_guard_upstream_latency_seconds",
+            "From sending an admitted request upstream to the end of its response (the whole stream)",
+            ["upstream", "lane"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "gateway_guard_time_to_first_token_seconds",
+            "Streamed responses: from sending upstream to the first chunk (queue wait not included)",
+            ["upstream", "lane"],
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.input_tokens = Counter(
+            "gateway_guard_input_tokens",
+            "Prompt tokens as reported by the upstream's usage",
+            ["upstream", "profile"],
+            registry=reg,
+        )
+        self.output_tokens = Counter(
+            "gateway_guard_output_tokens",
+            "Completion tokens as reported by the upstream's usage (estimated from chunks when it reports none)",
+            ["upstream", "profile"],
+            registry=reg,
+        )
+        self._saturation: dict[str, dict[str, float] | None] = {}
+        reg.register(GateCollector(gates, self._profile))
+        reg.register(UpstreamSaturationCollector(self._saturation))
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def observe(self, record: RequestRecord) -> None:
+        upstream = record.upstream or NONE
+        lane = record.lane or NONE
+        self._child(self.requests, upstream, lane, record.outcome.value).inc()
+        if record.admitted:
+            self._child(self.queue_wait, upstream, lane).observe(record.queue_wait)
+            assert record.upstream_started is not None
+            self._child(self.upstream_latency, upstream, lane).observe(
+                record.started + record.duration - record.upstream_started
+            )
+            if record.streamed and record.ttfb is not None:
+                self._child(self.ttft, upstream, lane).observe(record.ttfb)
+        if record.prompt_tokens or record.completion_tokens:
+            profile = self._profile(record.profile)
+            if record.prompt_tokens:
+                self._child(self.input_tokens, upstream, profile).inc(record.prompt_tokens)
+            if record.completion_tokens:
+                self._child(self.output_tokens, upstream, profile).inc(record.completion_tokens)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    async def render(self) -> bytes:
+        """The exposition text, after reading each upstream's own gauges (in parallel, short timeout)."""
+        names = list(self._upstreams)
+        results = await asyncio.gather(*(read_upstream_saturation(self._upstreams[n]) for n in names))
+        self._saturation.clear()
+        self._saturation.update(zip(names, results, strict=True))
+        return generate_latest(self.registry)
+
+
+class GateCollector(Collector):
+    """Gauges read from each gate's ``snapshot()`` when Prometheus scrapes."""
+
+    def __init__(self, gates: Mapping[str, AdmissionGate], profile_label: ProfileLabels) -> None:
+        self._gates = gates
+        self._profile = profile_label
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # created per scrape: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        limit = GaugeMetricFamily(
+            "gateway_guard_limit", "Cap on requests in flight at the upstream", labels=["upstream"]
+        )
+        lane_limit = GaugeMetricFamily(
+            "gateway_guard_lane_limit", "Slots a lane may fill (limit minus its headroom)", labels=["upstream", "lane"]
+        )
+        in_flight = GaugeMetricFamily(
+            "gateway_guard_in_flight", "Requests holding a permit (at the upstream)", labels=["upstream", "lane"]
+        )
+        queued = GaugeMetricFamily("gateway_guard_queued", "Requests waiting for a permit", labels=["upstream", "lane"])
+        free = GaugeMetricFamily(
+            "gateway_guard_free_slots", "Slots a new request of the lane would get at once", labels=["upstream", "lane"]
+        )
+        p_in_flight = GaugeMetricFamily(
+            "gateway_guard_profile_in_flight", "Requests holding a permit, per profile", labels=["upstream", "profile"]
+        )
+        p_queued = GaugeMetricFamily(
+            "gateway_guard_profile_queued", "Requests waiting for a permit, per profile", labels=["upstream", "profile"]
+        )
+        for name, gate in list(self._gates.items()):
+            snap = gate.snapshot()
+            limit.add_metric([name], snap.limit)
+            for lane, view in snap.lanes.items():
+                if view.limit is not None:
+                    lane_limit.add_metric([name, lane], view.limit)
+                in_flight.add_metric([name, lane], view.in_flight)
+                queued.add_metric([name, lane], view.queued)
+                if view.free is not None:
+                    free.add_metric([name, lane], view.free)
+            per_profile: dict[str, list[int]] = {}
+            for profile, view in snap.profiles.items():
+                totals = per_profile.setdefault(self._profile(profile), [0, 0])
+                totals[0] += view.in_flight
+                totals[1] += view.queued
+            for label, (flying, waiting) in per_profile.items():
+                p_in_flight.add_metric([name, label], flying)
+                p_queued.add_metric([name, label], waiting)
+        yield from (limit, lane_limit, in_flight, queued, free, p_in_flight, p_queued)
+
+
+class UpstreamSaturationCollector(Collector):
+    """The upstream's own gauges, as last read by ``GuardMetrics.render``."""
+
+    def __init__(self, readings: Mapping[str, dict[str, float] | None]) -> None:
+        self._readings = readings
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "gateway_guard_upstream_metrics_up",
+            "1 when the upstream's own /metrics answered at this scrape, else 0",
+            labels=["upstream"],
+        )
+        gauges = {
+            ours: GaugeMetricFamily(
+                f"gateway_guard_upstream_{ours}",
+                f"The upstream's own view ({' / '.join(theirs)}), read at scrape time",
+                labels=["upstream"],
+            )
+            for ours, theirs in UPSTREAM_GAUGES.items()
+        }
+        for name, reading in self._readings.items():
+            up.add_metric([name], 0 if reading is None else 1)
+            for ours, value in (reading or {}).items():
+                gauges[ours].add_metric([name], value)
+        yield up
+        yield from gauges.values()
+
+
+async def read_upstream_saturation(
+    upstream: Upstream, timeout: float = UPSTREAM_METRICS_TIMEOUT
+) -> dict[str, float] | None:
+    """The upstream's saturation gauges from its ``/metrics``; None when it has none or does not answer."""
+    try:
+        status, text = await upstream.get_text("/metrics", timeout=timeout)
+    except GuardError:
+        return None
+    if status != 200:
+        return None
+    return parse_saturation(text)
+
+
+def parse_saturation(text: str) -> dict[str, float] | None:
+    wanted = {theirs: ours for ours, names in UPSTREAM_GAUGES.items() for theirs in names}
+    found: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                ours = wanted.get(sample.name)
+                if ours is not None:
+                    found[ours] = found.get(ours, 0.0) + sample.value
+    except ValueError:  # not Prometheus text after all
+        return None
+    return found
