@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from gateway_guard.admission.gate import LanePolicy, ProfilePolicy
+from gateway_guard.admission.rate import RatePolicy
 from gateway_guard.errors import ConfigError
 
 ENV_PREFIX = "GUARD__"
@@ -27,6 +28,10 @@ DEFAULT_LANES: dict[str, dict[str, Any]] = {
     # their client waits 1800 s), and kept out of the last slot so an interactive request finds one free.
     "batch": {"priority": 1, "queue_size": 1024, "queue_timeout": 1500.0, "headroom": 1},
 }
+LIMIT_MODES = ("fixed", "adaptive")
+PROBES = ("auto", "llamacpp", "vllm", "ollama", "off")
+ADAPTIVE_KEYS = ("floor", "ceiling", "probe", "probe_interval")
+RATE_KEYS = ("requests_per_minute", "tokens_per_minute")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +44,13 @@ class UpstreamSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     lanes: dict[str, LanePolicy] = field(default_factory=dict)
+    limit: str = "fixed"  # or "adaptive": moves between floor and ceiling (starts at the ceiling)
+    floor: int = 1
+    ceiling: int = 4
+    probe: str = "auto"
+    probe_interval: float = 2.0
+    max_context_tokens: int | None = None  # token budget: context tokens in flight (KV cache)
+    default_output_tokens: int = 512  # a profile's output estimate until it has a history
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +60,7 @@ class ProfileSettings:
     upstream: str | None = None
     max_inflight: int | None = None
     max_queued: int | None = None
+    rate: RatePolicy = field(default_factory=RatePolicy)
 
     def policy(self) -> ProfilePolicy:
         return ProfilePolicy(max_inflight=self.max_inflight, max_queued=self.max_queued)
@@ -72,6 +85,7 @@ class Settings:
     upstreams: dict[str, UpstreamSettings]
     profiles: dict[str, ProfileSettings] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict, repr=False)  # client API key -> profile name
+    lane_rates: dict[str, RatePolicy] = field(default_factory=dict)
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -169,6 +183,15 @@ class _Table:
             raise ConfigError(self.key(name), "must be a number of seconds > 0", value)
         return value
 
+    def rate(self) -> RatePolicy:
+        values = {}
+        for name in RATE_KEYS:
+            value = self.get(name, float, None)
+            if value is not None and value < 1:
+                raise ConfigError(self.key(name), "must be a number >= 1 per minute", value)
+            values[name] = value
+        return RatePolicy(**values)
+
     def table(self, name: str) -> dict[str, Any]:
         self.seen.add(name)
         value = self.data.get(name, {})
@@ -191,7 +214,13 @@ def parse_settings(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None 
     env = os.environ if environ is None else environ
     root = _Table(dict(raw), "")
     server = _parse_server(_Table(root.table("server"), "server"), env)
-    lanes = _parse_lanes(root.table("lanes"), "lanes", DEFAULT_LANES)
+    lane_tables = {n: dict(b) if isinstance(b, dict) else b for n, b in root.table("lanes").items()}
+    lane_rates = {  # rate limits are per lane across upstreams: read (and taken out) here
+        n: _Table({k: b.pop(k) for k in RATE_KEYS if k in b}, f"lanes.{n}").rate()
+        for n, b in lane_tables.items()
+        if isinstance(b, dict) and any(k in b for k in RATE_KEYS)
+    }
+    lanes = _parse_lanes(lane_tables, "lanes", DEFAULT_LANES)
     if server.default_lane is not None and server.default_lane not in lanes:
         raise ConfigError("server.default_lane", f"names no lane (lanes: {', '.join(lanes)})", server.default_lane)
     up_tables = root.table("upstreams")
@@ -203,7 +232,7 @@ def parse_settings(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None 
     }
     keys = _parse_keys(root.table("keys"), profiles, env)
     root.done()
-    return Settings(server=server, upstreams=upstreams, profiles=profiles, keys=keys)
+    return Settings(server=server, upstreams=upstreams, profiles=profiles, keys=keys, lane_rates=lane_rates)
 
 
 def _parse_server(t: _Table, env: Mapping[str, str]) -> ServerSettings:
@@ -275,6 +304,18 @@ def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy], env: Map
         if lane.headroom >= cap and cap > 1:
             key = t.key(f"lanes.{lane.name}.headroom")
             raise ConfigError(key, f"must be below max_inflight ({cap})", lane.headroom)
+    mode = t.get("limit", str, "fixed")
+    if mode not in LIMIT_MODES:
+        raise ConfigError(t.key("limit"), 'must be "fixed" or "adaptive"', mode)
+    if mode == "fixed" and (stray := next((k for k in ADAPTIVE_KEYS if k in t.data), None)):
+        raise ConfigError(t.key(stray), 'applies only with limit = "adaptive"', t.data[stray])
+    floor = t.positive_int("floor", 1) or 1
+    ceiling = t.positive_int("ceiling", cap) or cap
+    if ceiling < floor:
+        raise ConfigError(t.key("ceiling"), f"must be >= floor ({floor})", ceiling)
+    probe = t.get("probe", str, "auto")
+    if probe not in PROBES:
+        raise ConfigError(t.key("probe"), f"must be one of {', '.join(PROBES)}", probe)
     up = UpstreamSettings(
         name=name,
         url=url.rstrip("/"),
@@ -284,6 +325,13 @@ def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy], env: Map
         connect_timeout=t.seconds("connect_timeout", 5.0),
         read_timeout=t.seconds("read_timeout", 600.0),
         lanes=lane_over,
+        limit=mode,
+        floor=floor,
+        ceiling=ceiling,
+        probe=probe,
+        probe_interval=t.seconds("probe_interval", 2.0),
+        max_context_tokens=t.positive_int("max_context_tokens", None),
+        default_output_tokens=t.positive_int("default_output_tokens", 512) or 512,
     )
     t.done()
     return up
@@ -309,6 +357,7 @@ def _parse_profile(
         upstream=upstream,
         max_inflight=t.positive_int("max_inflight", None),
         max_queued=t.positive_int("max_queued", None, minimum=0),
+        rate=t.rate(),
     )
     t.done()
     return profile

@@ -11,6 +11,10 @@ Scheduling, when a slot frees (or a request arrives):
   fresh interactive request (priority 0) beats a fresh batch one (priority 1), but a batch request that has
   waited ``aging_seconds`` ranks with new interactive ones and then ahead of them: batch is never starved.
 
+With a ``TokenBudget`` (the upstream's ``max_context_tokens``) a grant also needs the chosen request's tokens
+to fit; if they do not, nothing behind it is granted either (no overtaking, so a large request is not starved),
+and a request larger than the whole budget is granted alone. The tokens come back with the permit.
+
 A ``Permit`` is held for exactly as long as the upstream response and released once, on every path; the gate
 never grants past the limit. Pure asyncio, no HTTP; time is ``loop.time()`` so tests can drive a fake clock.
 """
@@ -18,29 +22,18 @@ never grants past the limit. Pure asyncio, no HTTP; time is ``loop.time()`` so t
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
 
+from gateway_guard.admission.budget import TokenBudget
+from gateway_guard.admission.lanes import LanePolicy as LanePolicy
+from gateway_guard.admission.lanes import LaneQueue as _LaneQueue
+from gateway_guard.admission.lanes import ProfilePolicy as ProfilePolicy
+from gateway_guard.admission.lanes import Waiter as _Waiter
 from gateway_guard.admission.limit import Limit
 from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LanePolicy:
-    name: str
-    priority: int = 0
-    queue_size: int = 64
-    queue_timeout: float = 30.0
-    headroom: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProfilePolicy:
-    max_inflight: int | None = None
-    max_queued: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +56,8 @@ class GateSnapshot:
     free: int
     lanes: dict[str, SlotView] = field(default_factory=dict)
     profiles: dict[str, SlotView] = field(default_factory=dict)
+    tokens_in_flight: int | None = None  # with a token budget
+    max_context_tokens: int | None = None
 
 
 class AdmissionGate(Protocol):
@@ -70,7 +65,11 @@ class AdmissionGate(Protocol):
 
     name: str
 
-    async def acquire(self, lane: str, profile: str, *, max_wait: float | None = None) -> Permit: ...
+    async def acquire(
+        self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
+    ) -> Permit: ...
+
+    def queue_timeout(self, lane: str) -> float: ...
 
     def snapshot(self) -> GateSnapshot: ...
 
@@ -80,15 +79,52 @@ class AdmissionGate(Protocol):
 class Permit:
     """One admitted request. ``release()`` is idempotent; ``async with permit:`` releases on every path."""
 
-    __slots__ = ("_gate", "_released", "acquired_at", "lane", "profile", "queue_wait")
+    __slots__ = (
+        "_gate",
+        "_released",
+        "acquired_at",
+        "lane",
+        "output_tokens",
+        "profile",
+        "prompt_estimate",
+        "prompt_tokens",
+        "queue_wait",
+        "tokens",
+        "ttft",
+    )
 
-    def __init__(self, gate: Gate, lane: str, profile: str, acquired_at: float, queue_wait: float) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        lane: str,
+        profile: str,
+        acquired_at: float,
+        queue_wait: float,
+        *,
+        tokens: int = 0,
+        prompt_estimate: int = 0,
+    ) -> None:
         self._gate = gate
         self._released = False
         self.lane = lane
         self.profile = profile
         self.acquired_at = acquired_at
         self.queue_wait = queue_wait
+        self.tokens = tokens  # held from the gate's token budget
+        self.prompt_estimate = prompt_estimate
+        self.ttft: float | None = None
+        self.prompt_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    def report_usage(self, *, ttft: float | None, prompt_tokens: int | None, output_tokens: int | None) -> None:
+        """What the response showed (before release): feeds the token budget's estimates and the limit."""
+        self.ttft, self.prompt_tokens, self.output_tokens = ttft, prompt_tokens, output_tokens
+
+    @property
+    def tokens_used(self) -> int:
+        """Prompt + output tokens as reported, the prompt estimate standing in for an unreported prompt."""
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.prompt_estimate
+        return prompt + (self.output_tokens or 0)
 
     @property
     def released(self) -> bool:
@@ -109,69 +145,6 @@ class Permit:
         self.release(dropped=exc_type is not None and not issubclass(exc_type, asyncio.CancelledError))
 
 
-class _Waiter:
-    __slots__ = ("enqueued_at", "future", "lane", "profile", "timer")
-
-    def __init__(self, lane: str, profile: str, enqueued_at: float, future: asyncio.Future[Permit]) -> None:
-        self.lane = lane
-        self.profile = profile
-        self.enqueued_at = enqueued_at
-        self.future = future
-        self.timer: asyncio.TimerHandle | None = None
-
-
-class _LaneQueue:
-    """Waiters of one lane, one FIFO per profile, profiles served in round-robin order."""
-
-    __slots__ = ("by_profile", "count", "in_flight", "policy", "turns")
-
-    def __init__(self, policy: LanePolicy) -> None:
-        self.policy = policy
-        self.by_profile: dict[str, deque[_Waiter]] = {}
-        self.turns: deque[str] = deque()
-        self.count = 0
-        self.in_flight = 0
-
-    def push(self, waiter: _Waiter) -> None:
-        fifo = self.by_profile.get(waiter.profile)
-        if fifo is None:
-            fifo = self.by_profile[waiter.profile] = deque()
-            self.turns.append(waiter.profile)
-        fifo.append(waiter)
-        self.count += 1
-
-    def remove(self, waiter: _Waiter) -> None:
-        fifo = self.by_profile[waiter.profile]
-        fifo.remove(waiter)
-        self.count -= 1
-        if not fifo:
-            del self.by_profile[waiter.profile]
-            self.turns.remove(waiter.profile)
-
-    def next_eligible(self, profile_ok: dict[str, bool]) -> tuple[_Waiter, float] | None:
-        """The waiter whose turn it is, and the oldest enqueue time among eligible heads (for aging)."""
-        chosen: _Waiter | None = None
-        oldest = float("inf")
-        for profile in self.turns:
-            if not profile_ok.get(profile, True):
-                continue
-            head = self.by_profile[profile][0]
-            if chosen is None:
-                chosen = head
-            oldest = min(oldest, head.enqueued_at)
-        return None if chosen is None else (chosen, oldest)
-
-    def pop(self, waiter: _Waiter) -> None:
-        fifo = self.by_profile[waiter.profile]
-        fifo.popleft()
-        self.count -= 1
-        self.turns.remove(waiter.profile)
-        if fifo:
-            self.turns.append(waiter.profile)
-        else:
-            del self.by_profile[waiter.profile]
-
-
 class Gate:
     """In-memory admission gate for one upstream."""
 
@@ -184,6 +157,7 @@ class Gate:
         *,
         aging_seconds: float = 10.0,
         default_profile_policy: ProfilePolicy | None = None,
+        budget: TokenBudget | None = None,
     ) -> None:
         self.name = name
         self._limit = limit
@@ -198,7 +172,8 @@ class Gate:
         self._profile_queued: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # bound on first use; release() may run outside it
         self._mean_hold = 1.0  # EWMA of permit hold time, seconds: the base of Retry-After estimates
-        limit.subscribe(lambda _new: self._grant())
+        self.budget = budget
+        self._follow(limit)
 
     # -- public -------------------------------------------------------------------------------------------
 
@@ -220,14 +195,24 @@ class Gate:
     def lane_policy(self, lane: str) -> LanePolicy:
         return self._lanes[lane].policy
 
-    async def acquire(self, lane: str, profile: str, *, max_wait: float | None = None) -> Permit:
-        """Wait for a permit; raise ``QueueFull``/``ProfileQueueFull`` at once or ``DeadlineExceeded`` later."""
-        queue = self._lanes.get(lane)
-        if queue is None:
-            raise UnknownLane(f"unknown lane {lane!r}; lanes are: {', '.join(self._lanes)}", lane=lane)
+    def queue_timeout(self, lane: str) -> float:
+        return self._lane(lane).policy.queue_timeout
+
+    async def acquire(
+        self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
+    ) -> Permit:
+        """Wait for a permit; raise ``QueueFull``/``ProfileQueueFull`` at once or ``DeadlineExceeded`` later.
+
+        ``prompt_tokens`` (an estimate) sizes the request for a token budget and stands in for the prompt's
+        usage when the upstream does not report it.
+        """
+        queue = self._lane(lane)
         loop = self._loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Permit] = loop.create_future()
         waiter = _Waiter(lane, profile, loop.time(), future)
+        waiter.prompt_estimate = prompt_tokens
+        if self.budget is not None:
+            waiter.tokens = self.budget.need(profile, prompt_tokens)
         queue.push(waiter)
         self._profile_queued[profile] = self._profile_queued.get(profile, 0) + 1
         self._grant()
@@ -267,11 +252,33 @@ class Gate:
             queued = self._profile_queued.get(name, 0)
             pfree = None if pcap is None else max(0, pcap - in_flight - queued)
             profiles[name] = SlotView(pcap, in_flight, queued, pfree)
+        budget = self.budget
         return GateSnapshot(
-            self.name, limit, self._in_flight, total_queued, max(0, open_slots - total_queued), lanes, profiles
+            self.name,
+            limit,
+            self._in_flight,
+            total_queued,
+            max(0, open_slots - total_queued),
+            lanes,
+            profiles,
+            tokens_in_flight=None if budget is None else budget.in_use,
+            max_context_tokens=None if budget is None else budget.capacity,
         )
 
     # -- internals ----------------------------------------------------------------------------------------
+
+    def _lane(self, lane: str) -> _LaneQueue:
+        queue = self._lanes.get(lane)
+        if queue is None:
+            raise UnknownLane(f"unknown lane {lane!r}; lanes are: {', '.join(self._lanes)}", lane=lane)
+        return queue
+
+    def _follow(self, limit: Limit) -> None:
+        def changed(_new: int) -> None:
+            if self._limit is limit and self._loop is not None:  # a replaced limit no longer speaks for us
+                self._grant()
+
+        limit.subscribe(changed)
 
     def _now(self) -> float:
         assert self._loop is not None, "the gate is bound to a loop by its first acquire"
@@ -331,6 +338,7 @@ class Gate:
         if self._in_flight >= limit or self._loop is None:  # no loop yet: nobody has ever asked, nobody waits
             return
         now = self._now()
+        budget = self.budget
         while self._in_flight < limit:
             profile_ok = {p: self._profile_has_room(p) for p in self._profile_queued}
             best: tuple[float, int, _Waiter, _LaneQueue] | None = None
@@ -347,6 +355,8 @@ class Gate:
             if best is None:
                 return
             _, _, waiter, queue = best
+            if budget is not None and not waiter.future.done() and not budget.fits(waiter.tokens):
+                return  # the head in line waits for tokens; nobody overtakes it
             queue.pop(waiter)
             self._dec(self._profile_queued, waiter.profile)
             if waiter.timer is not None:
@@ -356,7 +366,19 @@ class Gate:
             self._in_flight += 1
             queue.in_flight += 1
             self._profile_in_flight[waiter.profile] = self._profile_in_flight.get(waiter.profile, 0) + 1
-            waiter.future.set_result(Permit(self, waiter.lane, waiter.profile, now, now - waiter.enqueued_at))
+            if budget is not None:
+                budget.take(waiter.tokens)
+            waiter.future.set_result(
+                Permit(
+                    self,
+                    waiter.lane,
+                    waiter.profile,
+                    now,
+                    now - waiter.enqueued_at,
+                    tokens=waiter.tokens,
+                    prompt_estimate=waiter.prompt_estimate,
+                )
+            )
 
     def _profile_has_room(self, profile: str) -> bool:
         cap = self._profile_policy(profile).max_inflight
@@ -369,7 +391,17 @@ class Gate:
         self._in_flight -= 1
         self._lanes[permit.lane].in_flight -= 1
         self._dec(self._profile_in_flight, permit.profile)
-        self._limit.on_sample(rtt=held, in_flight=in_flight, dropped=dropped)
+        if self.budget is not None:
+            self.budget.give(permit.tokens)
+            self.budget.learn(
+                permit.profile,
+                prompt_estimate=permit.prompt_estimate,
+                prompt_tokens=permit.prompt_tokens,
+                output_tokens=permit.output_tokens,
+            )
+        self._limit.on_sample(
+            rtt=held, in_flight=in_flight, dropped=dropped, ttft=permit.ttft, output_tokens=permit.output_tokens
+        )
         self._grant()
 
     @staticmethod

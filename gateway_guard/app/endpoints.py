@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -31,6 +32,15 @@ def capacity_payload(gates: dict[str, AdmissionGate], batch_lane: str = "batch")
             "lanes": {lane: view.as_dict() for lane, view in snap.lanes.items()},
             "profiles": {p: view.as_dict() for p, view in snap.profiles.items()},
         }
+        if snap.max_context_tokens is not None:
+            upstreams[name]["tokens_in_flight"] = snap.tokens_in_flight
+            upstreams[name]["max_context_tokens"] = snap.max_context_tokens
+        history = getattr(limit_source, "history", None)
+        if history:  # the last moves of the limit, newest last: (seconds ago, limit, reason)
+            now = time.monotonic()
+            upstreams[name]["limit_history"] = [
+                {"ago_s": round(now - c.at, 1), "limit": c.limit, "reason": c.reason} for c in list(history)[-5:]
+            ]
         for lane, view in snap.lanes.items():
             _add(lanes.setdefault(lane, {"limit": 0, "in_flight": 0, "queued": 0, "free": 0}), view)
     free = lanes.get(batch_lane, {}).get("free", 0)

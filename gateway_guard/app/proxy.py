@@ -12,6 +12,8 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+from gateway_guard.admission.budget import estimate_prompt_tokens
+from gateway_guard.admission.rate import admit
 from gateway_guard.app.asgi import (
     ClientDisconnected,
     DisconnectWatch,
@@ -83,11 +85,18 @@ class ProxyHandler:
                 await self._forward(scope, upstream, headers, body, send, record)
                 return
             record.queue_entered = time.perf_counter()
-            permit = await state.gates[upstream.name].acquire(cls.lane, cls.profile)
+            gate = state.gates[upstream.name]
+            permit = await admit(gate, state.rates, cls.lane, cls.profile, prompt_tokens=estimate_prompt_tokens(body))
             record.queue_wait = permit.queue_wait
             record.outcome = Outcome.ADMITTED
             async with permit:  # released on every path: success, error, disconnect, cancellation
-                await self._forward(scope, upstream, headers, body, send, record)
+                try:
+                    await self._forward(scope, upstream, headers, body, send, record)
+                finally:  # what it used (so far, if the client left): token rates, budget, adaptive limit
+                    permit.report_usage(
+                        ttft=record.ttfb, prompt_tokens=record.prompt_tokens, output_tokens=record.completion_tokens
+                    )
+                    state.rates.charge(cls.lane, cls.profile, permit.tokens_used)
 
     async def _forward(
         self,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from gateway_guard.admission.classify import Classifier
-from gateway_guard.admission.gate import AdmissionGate, Gate
-from gateway_guard.admission.limit import FixedLimit
+from gateway_guard.admission.gate import AdmissionGate
+from gateway_guard.admission.rate import RateLimiter
+from gateway_guard.app.limits import build_gate, build_rates
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry import Telemetry
 from gateway_guard.upstream.client import Upstream
@@ -21,23 +22,14 @@ class GuardState:
     gates: dict[str, AdmissionGate]
     upstreams: dict[str, Upstream]
     telemetry: Telemetry
+    rates: RateLimiter = field(default_factory=RateLimiter)
 
     @classmethod
     def build(cls, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> GuardState:
-        profile_policies = {name: p.policy() for name, p in settings.profiles.items()}
-        gates: dict[str, AdmissionGate] = {
-            name: Gate(
-                name,
-                FixedLimit(up.max_inflight),
-                up.lanes.values(),
-                profile_policies,
-                aging_seconds=settings.server.aging_seconds,
-            )
-            for name, up in settings.upstreams.items()
-        }
+        gates: dict[str, AdmissionGate] = {name: build_gate(up, settings) for name, up in settings.upstreams.items()}
         upstreams = {name: Upstream(up, transport=transport) for name, up in settings.upstreams.items()}
         telemetry = Telemetry.from_settings(settings, gates, upstreams)
-        return cls(settings, Classifier(settings), gates, upstreams, telemetry)
+        return cls(settings, Classifier(settings), gates, upstreams, telemetry, build_rates(settings))
 
     async def aclose(self) -> None:
         for upstream in self.upstreams.values():

@@ -1,4 +1,5 @@
-"""Random acquire / release / cancel / deadline sequences: the cap holds and nothing leaks after every step."""
+"""Random acquire / release / cancel / deadline / limit-change sequences, with a token budget: the cap and the
+budget hold and nothing leaks after every step."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from gateway_guard.admission.budget import TokenBudget
 from gateway_guard.admission.gate import Gate, LanePolicy, Permit, ProfilePolicy
 from gateway_guard.admission.limit import FixedLimit
 from gateway_guard.errors import Rejected
@@ -18,6 +20,7 @@ LANES = [
     LanePolicy(name="batch", priority=1, queue_size=6, queue_timeout=20, headroom=1),
 ]
 PROFILES = {"a": ProfilePolicy(max_inflight=1, max_queued=3), "b": ProfilePolicy(max_inflight=2)}
+BUDGET = 100  # context tokens in flight; requests need prompt + learnt output (default 10), some more than all
 
 
 class GateMachine(RuleBasedStateMachine):
@@ -30,9 +33,10 @@ class GateMachine(RuleBasedStateMachine):
         self.gate = self.run(self._make_gate())
         self.pending: list[asyncio.Task[Permit]] = []
         self.held: list[Permit] = []
+        self.granted_now: list[Permit] = []
 
     async def _make_gate(self) -> Gate:
-        return Gate("up", self.limit, LANES, PROFILES, aging_seconds=4)
+        return Gate("up", self.limit, LANES, PROFILES, aging_seconds=4, budget=TokenBudget(BUDGET, default_output=10))
 
     def run(self, coro):  # type: ignore[no-untyped-def]
         return self.loop.run_until_complete(coro)
@@ -43,23 +47,30 @@ class GateMachine(RuleBasedStateMachine):
                 await asyncio.sleep(0)
 
         self.run(_settle())
+        self.granted_now = []
         for task in list(self.pending):
             if task.done():
                 self.pending.remove(task)
                 if not task.cancelled() and task.exception() is None:
                     self.held.append(task.result())
+                    self.granted_now.append(task.result())
                 elif not task.cancelled():
                     assert isinstance(task.exception(), Rejected)
 
-    @rule(lane=st.sampled_from(["interactive", "batch"]), profile=st.sampled_from(["a", "b", "c"]))
-    def acquire(self, lane: str, profile: str) -> None:
-        self.pending.append(self.loop.create_task(self.gate.acquire(lane, profile)))
+    @rule(
+        lane=st.sampled_from(["interactive", "batch"]),
+        profile=st.sampled_from(["a", "b", "c"]),
+        prompt=st.sampled_from([0, 30, 80, 150]),
+    )
+    def acquire(self, lane: str, profile: str, prompt: int) -> None:
+        self.pending.append(self.loop.create_task(self.gate.acquire(lane, profile, prompt_tokens=prompt)))
         self.settle()
 
     @precondition(lambda self: self.held)
-    @rule(i=st.integers(min_value=0), dropped=st.booleans())
-    def release(self, i: int, dropped: bool) -> None:
+    @rule(i=st.integers(min_value=0), dropped=st.booleans(), output=st.sampled_from([None, 0, 5, 60]))
+    def release(self, i: int, dropped: bool, output: int | None) -> None:
         permit = self.held.pop(i % len(self.held))
+        permit.report_usage(ttft=None, prompt_tokens=None, output_tokens=output)  # teaches the budget
         permit.release(dropped=dropped)
         if i % 3 == 0:
             permit.release()  # double release must be harmless
@@ -78,6 +89,11 @@ class GateMachine(RuleBasedStateMachine):
         self.pending[j % len(self.pending)].cancel()
         self.settle()
 
+    @rule(limit=st.integers(min_value=1, max_value=4))
+    def change_limit(self, limit: int) -> None:
+        self.limit.set(limit)
+        self.settle()
+
     @rule(seconds=st.floats(min_value=0.1, max_value=12))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
@@ -86,15 +102,21 @@ class GateMachine(RuleBasedStateMachine):
     @invariant()
     def cap_holds_and_nothing_leaks(self) -> None:
         snap = self.gate.snapshot()
+        limit = self.limit.limit
         assert snap.in_flight == len(self.held), "permit leaked or double counted"
-        assert snap.in_flight <= LIMIT
-        assert snap.lanes["batch"].in_flight <= LIMIT - 1
+        assert snap.in_flight <= 4
+        if self.granted_now:  # granted under the current limit (a lowered limit drains, never preempts)
+            assert snap.in_flight <= limit
+            if any(p.lane == "batch" for p in self.granted_now):
+                assert snap.lanes["batch"].in_flight <= max(1, limit - 1)
+        assert snap.tokens_in_flight == sum(p.tokens for p in self.held), "budget tokens leaked"
+        assert len(self.held) <= 1 or snap.tokens_in_flight <= BUDGET, "over budget (only a lone request may be)"
         by_profile = {p: sum(1 for h in self.held if h.profile == p) for p in "abc"}
         assert by_profile["a"] <= 1 and by_profile["b"] <= 2
         waiting = sum(1 for t in self.pending if not t.done())
         assert snap.queued == waiting
         # work-conserving: a free slot and an eligible waiter never coexist
-        if snap.in_flight < LIMIT and snap.queued:
+        if snap.in_flight < limit and snap.queued:
             assert all(
                 not t.done() for t in self.pending
             )  # anything eligible would already have been granted in settle()
@@ -106,7 +128,7 @@ class GateMachine(RuleBasedStateMachine):
             task.cancel()
         self.settle()
         snap = self.gate.snapshot()
-        assert (snap.in_flight, snap.queued) == (0, 0)
+        assert (snap.in_flight, snap.queued, snap.tokens_in_flight) == (0, 0, 0)
         self.loop.close()
 
 

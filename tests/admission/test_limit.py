@@ -1,0 +1,229 @@
+"""AdaptiveLimit on a fake clock: the server's queue, KV cache, latency per token, the edge, history."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway_guard.admission.gate import Gate, LanePolicy
+from gateway_guard.admission.limit import HISTORY, AdaptiveLimit, FixedLimit, Saturation
+from tests.admission.conftest import FakeClock, settle
+
+LLAMA = "llama.cpp /metrics"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def adaptive(clock: Clock, **kw: object) -> AdaptiveLimit:
+    return AdaptiveLimit(ceiling=16, clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def deferred(waiting: int, running: int = 4) -> Saturation:
+    return Saturation(source=LLAMA, waiting=waiting, running=running)
+
+
+def full_release(limit: AdaptiveLimit, rtt: float = 1.0, tokens: int | None = 64) -> None:
+    limit.on_sample(rtt=rtt, in_flight=limit.limit, dropped=False, output_tokens=tokens)
+
+
+def test_starts_at_the_ceiling_and_says_why() -> None:
+    limit = adaptive(Clock(), floor=2)
+    assert limit.limit == 16
+    assert "starts at 16" in limit.reason and "floor 2" in limit.reason
+    assert [c.limit for c in limit.history] == [16]
+    assert AdaptiveLimit(ceiling=8, initial=3).limit == 3
+
+
+def test_deferred_requests_bring_the_limit_down_to_what_the_server_runs() -> None:
+    clock = Clock()
+    limit = adaptive(clock)
+    seen: list[int] = []
+    limit.subscribe(seen.append)
+    limit.on_saturation(deferred(12), in_flight=16)
+    assert limit.limit == 4 and seen == [4]
+    assert "12 requests deferred" in limit.reason and "runs 4 of ours" in limit.reason
+    assert [(c.at, c.limit) for c in limit.history] == [(100.0, 16), (100.0, 4)]
+
+
+def test_while_draining_the_excess_the_limit_does_not_fall_further() -> None:
+    limit = adaptive(Clock())
+    limit.on_saturation(deferred(12), in_flight=16)
+    limit.on_saturation(deferred(8), in_flight=12)  # the 16 admitted before are still finishing
+    limit.on_saturation(deferred(1), in_flight=5)
+    assert limit.limit == 4
+
+
+def test_another_client_on_the_server_lowers_our_share() -> None:
+    limit = adaptive(Clock(), initial=4)
+    limit.on_saturation(deferred(1), in_flight=4)  # one slot is someone else's
+    assert limit.limit == 3
+
+
+def test_never_below_the_floor() -> None:
+    limit = adaptive(Clock(), floor=2, initial=4)
+    limit.on_saturation(deferred(20), in_flight=4)
+    assert limit.limit == 2
+
+
+def test_rises_by_one_when_full_and_clean_at_most_once_per_interval() -> None:
+    clock = Clock()
+    limit = adaptive(clock, initial=4)
+    full_release(limit)
+    assert limit.limit == 4  # not before increase_interval (2 s) since the start
+    clock.now += 2.1
+    limit.on_sample(rtt=1.0, in_flight=2, dropped=False)  # demand below the limit: no reason to rise
+    assert limit.limit == 4
+    full_release(limit)
+    assert limit.limit == 5 and "up from 4" in limit.reason
+    full_release(limit)
+    assert limit.limit == 5
+    clock.now += 2.1
+    limit.on_saturation(Saturation(source=LLAMA, waiting=0, running=5), in_flight=5)
+    full_release(limit)
+    assert limit.limit == 6
+
+
+def test_not_above_the_ceiling() -> None:
+    clock = Clock()
+    limit = adaptive(clock)
+    clock.now += 10
+    full_release(limit)
+    assert limit.limit == 16
+
+
+def test_a_confirmed_edge_is_probed_ever_more_rarely() -> None:
+    clock = Clock()
+    limit = adaptive(clock)
+    limit.on_saturation(deferred(12), in_flight=16)  # edge found at 4
+    waits = []
+    for _ in range(4):
+        start = clock.now
+        limit.on_saturation(Saturation(source=LLAMA, waiting=0), in_flight=4)  # the server's queue is empty
+        while limit.limit == 4:
+            clock.now += 0.5
+            full_release(limit)
+        waits.append(clock.now - start)
+        limit.on_saturation(deferred(1), in_flight=5)  # 5 is one too many again
+        assert limit.limit == 4
+    assert waits == [2.0, 4.0, 8.0, 16.0]
+
+
+def test_an_edge_that_no_longer_holds_is_passed_and_the_climb_resumes() -> None:
+    clock = Clock()
+    limit = adaptive(clock)
+    limit.on_saturation(deferred(12), in_flight=16)
+    for expected in (5, 6, 7, 8):
+        clock.now += 2.1
+        limit.on_saturation(Saturation(source=LLAMA, waiting=0), in_flight=limit.limit)
+        full_release(limit)
+        assert limit.limit == expected
+
+
+def test_follows_a_server_with_fewer_slots_down() -> None:
+    limit = adaptive(Clock(), initial=4)
+    limit.on_saturation(deferred(2, running=2), in_flight=4)
+    assert limit.limit == 2
+
+
+def test_a_saturated_probe_blocks_increases_until_it_is_stale() -> None:
+    clock = Clock()
+    limit = adaptive(clock, initial=4, kv_high=0.9, probe_ttl=5)
+    limit.on_saturation(Saturation(source="vLLM /metrics", waiting=0, kv_cache_usage=0.5), in_flight=4)
+    clock.now += 2.1
+    limit.on_saturation(Saturation(source="vLLM /metrics", waiting=0, kv_cache_usage=0.95), in_flight=4)
+    assert limit.limit == 3 and "KV cache 95% full" in limit.reason
+    limit.on_saturation(Saturation(source="vLLM /metrics", waiting=0, kv_cache_usage=0.97), in_flight=3)
+    assert limit.limit == 3  # one multiplicative decrease per cooldown (1 s)
+    clock.now += 1.1
+    limit.on_saturation(Saturation(source="vLLM /metrics", waiting=0, kv_cache_usage=0.97), in_flight=3)
+    assert limit.limit == 2
+
+
+def test_ollama_model_out_of_vram_counts_as_saturation() -> None:
+    limit = adaptive(Clock(), initial=4)
+    limit.on_saturation(Saturation(source="Ollama /api/ps", memory_pressure=True), in_flight=4)
+    assert limit.limit == 3 and "not fully in GPU memory" in limit.reason
+
+
+def test_latency_per_token_well_above_its_baseline_means_congestion_when_no_queue_metric() -> None:
+    clock = Clock()
+    limit = adaptive(clock, initial=8)
+    for _ in range(10):
+        limit.on_sample(rtt=0.64, in_flight=4, dropped=False, output_tokens=64)  # 10 ms a token
+    assert limit.limit == 8
+    for _ in range(4):
+        limit.on_sample(rtt=3.2, in_flight=8, dropped=False, output_tokens=64)  # 50 ms a token
+    assert limit.limit == 7 and "latency per output token" in limit.reason
+    limit.on_sample(rtt=3.2, in_flight=7, dropped=False, output_tokens=64)
+    assert limit.limit == 7  # cooldown
+    clock.now += 1.1
+    limit.on_sample(rtt=3.2, in_flight=7, dropped=False, output_tokens=64)
+    assert limit.limit == 6
+
+
+def test_latency_is_not_judged_from_short_replies_or_when_the_server_reports_its_queue() -> None:
+    clock = Clock()
+    limit = adaptive(clock, initial=8)
+    for _ in range(10):
+        limit.on_sample(rtt=0.64, in_flight=4, dropped=False, output_tokens=64)
+    for _ in range(5):
+        limit.on_sample(rtt=9.0, in_flight=4, dropped=False, output_tokens=1)  # a long prompt, one token
+        limit.on_sample(rtt=9.0, in_flight=4, dropped=False, output_tokens=None)
+    assert limit.limit == 8
+    limit.on_saturation(Saturation(source=LLAMA, waiting=0, running=4), in_flight=4)
+    for _ in range(5):
+        limit.on_sample(rtt=3.2, in_flight=4, dropped=False, output_tokens=64)
+    assert limit.limit == 8  # the server says nothing waits: its queue metric wins over latency
+
+
+def test_an_upstream_error_is_a_decrease() -> None:
+    limit = adaptive(Clock(), initial=10)
+    limit.on_sample(rtt=0.1, in_flight=10, dropped=True)
+    assert limit.limit == 9 and "error" in limit.reason
+
+
+def test_reconfigure_clamps_into_the_new_bounds() -> None:
+    limit = adaptive(Clock())
+    limit.reconfigure(floor=2, ceiling=6)
+    assert (limit.limit, limit.floor, limit.ceiling) == (6, 2, 6)
+    assert "reload" in limit.reason
+    with pytest.raises(ValueError):
+        limit.reconfigure(floor=5, ceiling=3)
+
+
+def test_history_is_bounded_and_fixed_limits_keep_one_too() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=1000, clock=clock, cooldown=0)
+    for _ in range(1, 400):
+        clock.now += 1
+        limit.on_saturation(deferred(1), in_flight=limit.limit)
+    assert len(limit.history) == HISTORY
+    fixed = FixedLimit(4)
+    fixed.set(6, "operator")
+    assert [(c.limit, c.reason) for c in fixed.history][-1] == (6, "operator")
+
+
+async def test_the_gate_follows_the_limit_without_preempting(clock: FakeClock) -> None:
+    limit = AdaptiveLimit(ceiling=4, clock=clock.time)
+    gate = Gate("gpu", limit, [LanePolicy(name="batch", queue_timeout=600)])
+    held = [await gate.acquire("batch", "p") for _ in range(4)]
+    waiting = asyncio.ensure_future(gate.acquire("batch", "p"))
+    await settle()
+    limit.on_saturation(deferred(2, running=2), in_flight=4)  # the server now runs 2
+    assert gate.limit == 2 and gate.in_flight == 4  # nothing in flight is dropped
+    for permit in held[:2]:
+        permit.release()
+    await settle()
+    assert not waiting.done()  # 2 still in flight: at the new limit
+    held[2].release()
+    await settle()
+    assert waiting.done() and gate.in_flight == 2
+    for permit in (held[3], waiting.result()):
+        permit.release()
