@@ -15,6 +15,7 @@ import uvicorn
 from gateway_guard.app.factory import build_app
 from gateway_guard.errors import ConfigError
 from gateway_guard.settings import Settings, load_settings
+from gateway_guard.telemetry import JsonLogFormatter
 
 log = logging.getLogger("gateway_guard")
 
@@ -85,10 +86,11 @@ def free_port() -> int:
 
 
 def configure_logging(level: str, as_json: bool) -> None:
-    fmt = '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}' if as_json else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the access log already says what was forwarded
 
 
@@ -132,6 +134,9 @@ def run(args: argparse.Namespace) -> ExitCode:
         log.info("simulated upstream (%s mode, %d slots) on %s", args.sim_mode, args.sim_slots, sim_url)
     try:
         asyncio.run(serve(settings, sim_config))
+    except ConfigError as exc:  # e.g. an OTEL_* variable asking for an exporter the guard does not ship
+        print(f"gateway-guard: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
     except OSError as exc:
         log.error("start-up failed: %s", exc)
         return ExitCode.STARTUP_FAILURE
