@@ -12,6 +12,7 @@ from gateway_guard.upstream.errors import map_httpx_errors
 from gateway_guard.upstream.headers import upstream_request_headers
 
 READY_PATHS = ("/health", "/v1/models", "/api/tags")
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class UpstreamResponse:
@@ -53,7 +54,8 @@ class Upstream:
         self._client = httpx.AsyncClient(
             base_url=settings.url,
             timeout=timeout,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # Servers close idle keep-alive connections (llama.cpp's cpp-httplib after 5 s); expire ours sooner.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
             transport=transport,
             follow_redirects=False,
             trust_env=False,  # the upstream comes from config only, never from proxy variables
@@ -72,7 +74,12 @@ class Upstream:
             method, url, headers=upstream_request_headers(headers, self.settings.api_key), content=body
         )
         with map_httpx_errors(self.name, self.settings.read_timeout):
-            response = await self._client.send(request, stream=True)
+            try:
+                response = await self._client.send(request, stream=True)
+            except STALE_CONNECTION:
+                # Closed before a single byte of the response: a pooled keep-alive connection the server had
+                # just dropped. Nothing was generated; try once more on a fresh connection.
+                response = await self._client.send(request, stream=True)
         return UpstreamResponse(response, self)
 
     async def get_text(self, path: str, *, timeout: float = 2.0) -> tuple[int, str]:
