@@ -1,7 +1,7 @@
 # gateway-guard: a small, non-root image of the guard (also runs the simulated upstream for demos).
 #
 #   docker build -t gateway-guard .
-#   docker run --rm -p 127.0.0.1:8090:8090 -v "$PWD/config/guard.example.toml:/etc/gateway-guard/guard.toml:ro" gateway-guard
+#   docker run --rm -p 127.0.0.1:8090:8090 -v "$PWD/my-guard.toml:/etc/gateway-guard/guard.toml:ro" gateway-guard
 #
 # Stage 1 builds a virtual environment with the package and its wheels; stage 2 copies only that venv onto
 # a clean slim base: no compiler, no pip, no sources, no build caches in the final image.

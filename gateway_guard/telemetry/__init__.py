@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from gateway_guard.admission.gate import AdmissionGate
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry.access_log import JsonLogFormatter, access_fields, access_log, log_access
 from gateway_guard.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway_guard.telemetry.metrics import GuardMetrics
+from gateway_guard.telemetry.otel_env import client_trace_id, provider_from_env
 from gateway_guard.telemetry.record import RequestRecord
-from gateway_guard.telemetry.tracing import Tracing, client_trace_id, provider_from_env
 from gateway_guard.upstream.client import Upstream
+
+if TYPE_CHECKING:
+    from gateway_guard.telemetry.tracing import Tracing
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
@@ -57,6 +61,8 @@ class Telemetry:
         provider = provider_from_env(os.environ if environ is None else environ)
         tracing = None
         if provider is not None:
+            from gateway_guard.telemetry.tracing import Tracing
+
             tracing = Tracing(provider, {name: up.url for name, up in settings.upstreams.items()})
         return cls(
             log_json=settings.server.log_json,

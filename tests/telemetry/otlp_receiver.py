@@ -35,6 +35,7 @@ class Span:
     end_ns: int
     status_code: int
     attributes: dict[str, Any]
+    events: dict[str, int] = field(default_factory=dict)  # name -> time (ns)
     resource: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,6 +103,7 @@ class OtlpReceiver:
                             end_ns=s.end_time_unix_nano,
                             status_code=s.status.code,
                             attributes={a.key: _value(a.value) for a in s.attributes},
+                            events={e.name: e.time_unix_nano for e in s.events},
                             resource=resource,
                         )
                     )
