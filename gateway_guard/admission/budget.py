@@ -43,10 +43,11 @@ class TokenBudget:
         self._learnt: dict[str, _Learnt] = {}
 
     def need(self, profile: str, prompt_estimate: int) -> int:
+        """At least 1: every request holds some context, so "nothing holds tokens" means "nothing in flight"."""
         learnt = self._learnt.get(profile)
         if learnt is None:
-            return prompt_estimate + self.default_output
-        return round(prompt_estimate * learnt.prompt_ratio + learnt.output)
+            return max(1, prompt_estimate + self.default_output)
+        return max(1, round(prompt_estimate * learnt.prompt_ratio + learnt.output))
 
     def output_estimate(self, profile: str) -> float:
         learnt = self._learnt.get(profile)

@@ -33,7 +33,7 @@ from gateway_guard.admission.lanes import LaneQueue as _LaneQueue
 from gateway_guard.admission.lanes import ProfilePolicy as ProfilePolicy
 from gateway_guard.admission.lanes import Waiter as _Waiter
 from gateway_guard.admission.limit import Limit
-from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane
+from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane, UpstreamTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +142,8 @@ class Permit:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.release(dropped=exc_type is not None and not issubclass(exc_type, asyncio.CancelledError))
+        # a drop is the upstream timing out (overload), not a client that left or a server that is down
+        self.release(dropped=exc_type is not None and issubclass(exc_type, UpstreamTimeout))
 
 
 class Gate:
@@ -388,6 +389,7 @@ class Gate:
         held = self._now() - permit.acquired_at
         self._mean_hold += 0.2 * (held - self._mean_hold)
         in_flight = self._in_flight
+        blocked = any(q.count and q.in_flight >= self._lane_cap(q.policy) for q in self._lanes.values())
         self._in_flight -= 1
         self._lanes[permit.lane].in_flight -= 1
         self._dec(self._profile_in_flight, permit.profile)
@@ -400,7 +402,12 @@ class Gate:
                 output_tokens=permit.output_tokens,
             )
         self._limit.on_sample(
-            rtt=held, in_flight=in_flight, dropped=dropped, ttft=permit.ttft, output_tokens=permit.output_tokens
+            rtt=held,
+            in_flight=in_flight,
+            dropped=dropped,
+            ttft=permit.ttft,
+            output_tokens=permit.output_tokens,
+            blocked=blocked,
         )
         self._grant()
 

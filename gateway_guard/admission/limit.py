@@ -7,17 +7,21 @@ and subscribes to changes. ``FixedLimit`` never moves unless an operator (or a c
 
 1. **The upstream's own queue**, read by ``upstream/probe.py`` and handed to ``on_saturation``: llama.cpp's
    ``requests_deferred`` or vLLM's ``num_requests_waiting`` above 0 means the guard let in more than the server
-   runs, so the limit drops at once to what it does run (``in_flight - waiting``). vLLM's KV cache at
+   runs, so the limit drops at once to what it does run (``in_flight - waiting``). Requests the server does
+   not show at all (``in_flight - waiting - running >= BACKLOG`` on two probes in a row) wait before it, e.g.
+   for llama.cpp's HTTP threads, which idle keep-alive connections hold: the limit drops to ``running``. A
+   gap of one is normal (a reply on its way back, a request on its way in). vLLM's KV cache at
    ``kv_high`` or more, or an Ollama model spilled out of VRAM, count as saturation too (times ``backoff``).
 2. **Latency per output token** (the permit's hold time over the tokens it produced, from replies of at least
    ``MIN_TOKENS``; time to first token is inside it, so queueing at the server shows), used only while the
    upstream exposes no fresh queue metric: a short EWMA above ``tolerance`` times a slowly-drifting minimum is
    congestion (times ``backoff``, once per ``cooldown``). An upstream error or timeout (a *dropped* sample) too.
 
-It rises by one when the gate was full at a release (there is demand) and the last probe was clean, at most
-once per ``increase_interval``. Rising past the value where saturation was last seen (the *edge*) waits
-longer each time the edge is confirmed (doubling, up to ``max_increase_interval``), so a settled limit seldom
-pokes the server's queue; an edge that no longer holds (more slots) is passed and the climb resumes.
+It rises by one when the limit held requests back at a release (the gate full, or a lane at its cap) and the
+last probe was clean, at most once per ``increase_interval``. Leaving the value saturation last brought it
+down to (the *edge*) waits longer each time saturation brings it back there (doubling, up to
+``max_increase_interval``), so a settled limit seldom pokes the server's queue; when the server has grown, the
+climb goes on at the normal pace.
 
 Every change is kept in ``history`` (time, limit, reason) and ``reason`` says why the limit is what it is.
 """
@@ -32,6 +36,7 @@ from typing import Protocol
 
 HISTORY = 256
 MIN_TOKENS = 4  # latency samples need at least this many output tokens
+BACKLOG = 2  # requests of ours the server does not show, on two probes in a row: queued before it (see below)
 
 
 class Limit(Protocol):
@@ -46,9 +51,11 @@ class Limit(Protocol):
         dropped: bool,
         ttft: float | None = None,
         output_tokens: int | None = None,
+        blocked: bool = False,
     ) -> None:
         """One admitted request ended after ``rtt`` seconds with ``in_flight`` requests in flight (itself
-        included); ``ttft``/``output_tokens`` when the proxy saw them."""
+        included); ``ttft``/``output_tokens`` when the proxy saw them; ``blocked``: requests were waiting that
+        a higher limit would have let in (a lane at its cap, limit minus headroom)."""
 
     def subscribe(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(new_limit)`` whenever the limit changes."""
@@ -120,12 +127,14 @@ class FixedLimit(_Changes):
         dropped: bool,
         ttft: float | None = None,
         output_tokens: int | None = None,
+        blocked: bool = False,
     ) -> None:
         return None
 
 
 class AdaptiveLimit(_Changes):
     __slots__ = (
+        "_backlog_seen",
         "_baseline",
         "_edge",
         "_edge_wait",
@@ -181,6 +190,7 @@ class AdaptiveLimit(_Changes):
         self._next_increase = clock() + increase_interval
         self._last_decrease = float("-inf")
         self._last_probe: tuple[float, Saturation] | None = None
+        self._backlog_seen = 0  # consecutive probes that showed requests of ours the server does not
 
     # -- evidence -------------------------------------------------------------------------------------------
 
@@ -192,6 +202,7 @@ class AdaptiveLimit(_Changes):
         dropped: bool,
         ttft: float | None = None,
         output_tokens: int | None = None,
+        blocked: bool = False,
     ) -> None:
         if dropped:
             self._decrease(self._backed_off(), "an upstream error or timeout")
@@ -199,12 +210,14 @@ class AdaptiveLimit(_Changes):
         congested = self._observe_latency(rtt, output_tokens)
         if congested is not None and not self._queue_metric_fresh():  # the server's own queue says more
             self._decrease(self._backed_off(), congested)
-        elif in_flight >= self._limit and self._probe_clean():
+        elif (in_flight >= self._limit or blocked) and self._probe_clean():
             self._increase()
 
     def on_saturation(self, sat: Saturation, *, in_flight: int) -> None:
         """One probe of the upstream's own metrics; ``in_flight`` is the gate's count at that moment."""
         self._last_probe = (self._clock(), sat)
+        hidden = in_flight - (sat.waiting or 0) - sat.running if sat.running is not None else 0
+        self._backlog_seen = self._backlog_seen + 1 if hidden >= BACKLOG else 0
         if sat.waiting:
             share = in_flight - sat.waiting  # what the server actually runs of ours
             if share < self._limit:
@@ -215,6 +228,13 @@ class AdaptiveLimit(_Changes):
                     f"(the server runs {max(0, share)} of ours)",
                     paced=False,
                 )
+        elif self._backlog_seen >= 2 and sat.running is not None and sat.running < self._limit >= in_flight:
+            self._decrease(
+                max(self.floor, sat.running),
+                f"{sat.source}: {in_flight} in flight but the server shows {sat.running} running and "
+                f"{sat.waiting or 0} waiting (the rest wait unseen, e.g. for its HTTP threads)",
+                paced=False,
+            )
         elif sat.kv_cache_usage is not None and sat.kv_cache_usage >= self.kv_high:
             self._decrease(self._backed_off(), f"{sat.source}: KV cache {sat.kv_cache_usage:.0%} full")
         elif sat.memory_pressure:
@@ -258,7 +278,7 @@ class AdaptiveLimit(_Changes):
             return True
         sat = probe[1]
         kv_ok = sat.kv_cache_usage is None or sat.kv_cache_usage < self.kv_high
-        return not sat.waiting and kv_ok and not sat.memory_pressure
+        return not sat.waiting and kv_ok and not sat.memory_pressure and not self._backlog_seen
 
     def _backed_off(self) -> int:
         return max(self.floor, min(self._limit - 1, int(self._limit * self.backoff)))
@@ -268,11 +288,10 @@ class AdaptiveLimit(_Changes):
         if target >= self._limit or (paced and now - self._last_decrease < self.cooldown):
             return
         old = self._limit
-        if self._edge is not None and old == self._edge + 1:
-            self._edge_wait = min(self.max_increase_interval, self._edge_wait * 2)  # the edge holds: wait longer
-        elif self._edge != target:
-            self._edge_wait = self.increase_interval
-        self._edge = target
+        if target == self._edge:  # back to the same edge: it holds, so try leaving it less often
+            self._edge_wait = min(self.max_increase_interval, self._edge_wait * 2)
+        else:
+            self._edge, self._edge_wait = target, self.increase_interval
         self._last_decrease = now
         self._next_increase = now + self._edge_wait
         self._change(target, f"down from {old}: {why}")
@@ -281,12 +300,8 @@ class AdaptiveLimit(_Changes):
         now = self._clock()
         if self._limit >= self.ceiling or now < self._next_increase:
             return
-        new = self._limit + 1
-        above_edge = self._edge is not None and new > self._edge + 1
-        if above_edge:  # the old edge did not hold (e.g. more slots now): forget it, climb at the normal pace
-            self._edge, self._edge_wait = None, self.increase_interval
         self._next_increase = now + self.increase_interval
-        self._change(new, f"up from {self._limit}: full and no sign of saturation")
+        self._change(self._limit + 1, f"up from {self._limit}: requests held back and no sign of saturation")
 
 
 def _check(limit: int) -> None:

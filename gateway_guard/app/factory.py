@@ -26,6 +26,7 @@ def build_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for up in settings.upstreams.values():
             log.info("upstream %s -> %s, max_inflight=%d", up.name, up.url, up.max_inflight)
+        state.start()
         try:
             yield
         finally:

@@ -36,6 +36,13 @@ def test_need_is_prompt_plus_the_default_output_until_the_profile_has_a_history(
     assert budget.need("p", 1000) == 1256
 
 
+def test_every_request_needs_at_least_one_token() -> None:
+    budget = TokenBudget(100, default_output=0)
+    assert budget.need("p", 0) == 1  # so a request over the budget really goes alone (found by the stateful test)
+    budget.learn("p", prompt_estimate=0, prompt_tokens=None, output_tokens=0)
+    assert budget.need("p", 0) == 1
+
+
 def test_output_estimate_is_learnt_from_usage_never_from_max_tokens() -> None:
     budget = TokenBudget(10_000, default_output=256)
     budget.learn("p", prompt_estimate=1000, prompt_tokens=None, output_tokens=40)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from gateway_guard.admission.gate import Gate, LanePolicy
 from gateway_guard.admission.limit import HISTORY, AdaptiveLimit, FixedLimit, Saturation
+from gateway_guard.errors import UpstreamTimeout, UpstreamUnavailable
 from tests.admission.conftest import FakeClock, settle
 
 LLAMA = "llama.cpp /metrics"
@@ -58,6 +60,26 @@ def test_while_draining_the_excess_the_limit_does_not_fall_further() -> None:
     limit.on_saturation(deferred(8), in_flight=12)  # the 16 admitted before are still finishing
     limit.on_saturation(deferred(1), in_flight=5)
     assert limit.limit == 4
+
+
+def test_requests_the_server_does_not_show_on_two_probes_in_a_row_bring_the_limit_to_running() -> None:
+    limit = adaptive(Clock())
+    hidden = Saturation(source=LLAMA, waiting=0, running=4)  # 12 of 16 wait unseen (HTTP threads busy)
+    limit.on_saturation(hidden, in_flight=16)
+    assert limit.limit == 16
+    limit.on_saturation(hidden, in_flight=16)
+    assert limit.limit == 4 and "wait unseen" in limit.reason
+
+
+def test_a_gap_of_one_or_a_single_probe_is_not_a_backlog() -> None:
+    limit = adaptive(Clock(), initial=4)
+    for running in (3, 3, 3, 2, 4, 2, 4):  # a reply on its way back, a request on its way in
+        limit.on_saturation(Saturation(source=LLAMA, waiting=0, running=running), in_flight=4)
+    assert limit.limit == 4
+    drain = adaptive(Clock(), initial=4)  # just lowered: our own excess still drains through the server
+    for _ in range(3):
+        drain.on_saturation(Saturation(source=LLAMA, waiting=0, running=3), in_flight=12)
+    assert drain.limit == 4
 
 
 def test_another_client_on_the_server_lowers_our_share() -> None:
@@ -227,3 +249,39 @@ async def test_the_gate_follows_the_limit_without_preempting(clock: FakeClock) -
     assert waiting.done() and gate.in_flight == 2
     for permit in (held[3], waiting.result()):
         permit.release()
+
+
+def test_a_lane_held_at_its_cap_counts_as_demand() -> None:
+    clock = Clock()
+    limit = adaptive(clock, initial=4)
+    clock.now += 2.1
+    limit.on_sample(rtt=1.0, in_flight=3, dropped=False, blocked=False)
+    assert limit.limit == 4
+    limit.on_sample(rtt=1.0, in_flight=3, dropped=False, blocked=True)  # batch at limit - headroom, queued
+    assert limit.limit == 5
+
+
+async def test_the_gate_reports_a_headroom_bound_lane_as_blocked(clock: FakeClock) -> None:
+    limit = AdaptiveLimit(ceiling=8, initial=4, clock=clock.time, increase_interval=1.0)
+    gate = Gate("gpu", limit, [LanePolicy(name="batch", queue_timeout=600, headroom=1)])
+    held = [await gate.acquire("batch", "p") for _ in range(3)]
+    waiting = asyncio.ensure_future(gate.acquire("batch", "p"))
+    await clock.advance(1.5)
+    assert not waiting.done() and gate.in_flight == 3  # the fourth slot is kept for other lanes
+    held.pop().release()  # the waiter gets the slot; the limit hears that the lane held someone back
+    await settle()
+    assert limit.limit == 5 and waiting.done()
+    for permit in [*held, waiting.result()]:
+        permit.release()
+
+
+async def test_only_an_upstream_timeout_counts_as_a_drop(clock: FakeClock) -> None:
+    limit = AdaptiveLimit(ceiling=8, clock=clock.time)
+    gate = Gate("gpu", limit, [LanePolicy(name="batch")])
+    for error in (UpstreamUnavailable("down"), OSError("client gone"), UpstreamTimeout("slow")):
+        with contextlib.suppress(Exception):
+            async with await gate.acquire("batch", "p"):
+                raise error
+        await clock.advance(1.1)
+    assert [c.limit for c in limit.history] == [8, 7]
+    assert "timeout" in limit.reason

@@ -102,3 +102,27 @@ async def test_the_capacity_endpoint_shows_the_token_budget() -> None:
     async with guard_client(settings, sse_with_usage(100, 10)) as (client, _state):
         payload = (await client.get("/guard/capacity")).json()["upstreams"]["default"]
     assert (payload["tokens_in_flight"], payload["max_context_tokens"]) == (0, 5000)
+
+
+async def test_an_adaptive_upstream_is_probed_from_start_until_close() -> None:
+    metrics = b"llamacpp:requests_processing 4\nllamacpp:requests_deferred 6\n"
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        found = scope["path"] == "/metrics"
+        await send({"type": "http.response.start", "status": 200 if found else 404, "headers": []})
+        await send({"type": "http.response.body", "body": metrics if found else b""})
+
+    adaptive = {"default": {"limit": "adaptive", "ceiling": 8, "probe_interval": 0.01}}
+    settings = settings_for(upstreams=adaptive)
+    async with guard_client(settings, upstream) as (client, state):
+        limit = state.gates["default"].limit_source
+        assert limit.limit == 8 and len(state.probers) == 1
+        state.start()
+        async with asyncio.timeout(5):
+            while limit.limit == 8:
+                await asyncio.sleep(0.01)
+        assert limit.limit == 1 and "6 requests deferred" in limit.reason  # nothing of ours runs: the floor
+        up = (await client.get("/guard/capacity")).json()["upstreams"]["default"]
+        assert up["limit"] == 1 and "deferred" in up["limit_reason"]
+        assert [h["limit"] for h in up["limit_history"]] == [8, 1]
+    assert all(p._task is None for p in state.probers)  # stopped by aclose
