@@ -116,7 +116,8 @@ def sim_argv(port: int, *extra: str) -> list[str]:
 
 def guard_argv(port: int, upstream: str, max_inflight: int, *extra: str) -> list[str]:
     exe = BIN / "gateway-guard"
-    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway_guard.cli"]
+    # Without the console script (a venv where the package is only on PYTHONPATH), call its main() directly.
+    head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from gateway_guard.cli import main; main()"]
     return [*head, "--upstream", upstream, "--max-inflight", str(max_inflight), "--port", str(port), *extra]
 
 

@@ -306,6 +306,7 @@ def main() -> int:
     if min(args.rounds, args.concurrency, args.requests) < 1 or args.seconds <= 0:
         parser.error("--rounds, --concurrency, --requests must be >= 1 and --seconds > 0")
 
+    load_start = os.getloadavg()[0]
     pinning = bool(shutil.which("taskset")) and pin_self(args.client_cpu)
     print(
         f"cores: {os.cpu_count()}; pinning: "
@@ -347,6 +348,7 @@ def main() -> int:
         results = asyncio.run(run_rounds(targets, args))
 
     text = report(results, names, args)
+    text += f"\n\n1-minute load average: {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
     print()
     print(text)
     print()
