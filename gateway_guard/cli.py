@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -37,6 +38,8 @@ quick start:
   gateway-guard --upstream http://127.0.0.1:8080 --max-inflight 4
   gateway-guard --config config/guard.example.toml
 
+reload: kill -HUP <pid>, or POST /guard/reload with the admin token, re-reads the config (limits, lanes,
+profiles, keys) without dropping a request; an invalid file is refused and the old config stays.
 environment: GUARD__SECTION__KEY overrides a config key (GUARD__UPSTREAMS__GPU__MAX_INFLIGHT=8),
 GUARD_ADMIN_TOKEN sets server.admin_token.
 exit codes: 0 ok, 2 configuration error (the message names the key), 3 start-up failure (port in use, ...).
@@ -94,8 +97,11 @@ def configure_logging(level: str, as_json: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the access log already says what was forwarded
 
 
-async def serve(settings: Settings, sim: uvicorn.Config | None = None) -> None:
-    app = build_app(settings)
+async def serve(
+    settings: Settings, sim: uvicorn.Config | None = None, reload_from: Callable[[], Settings] | None = None
+) -> None:
+    app = build_app(settings, reload_from=reload_from)
+    app.state.reloader.install_sighup()  # kill -HUP <pid>: re-read the config, keep every request
     config = uvicorn.Config(
         app,
         host=settings.server.host,
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> ExitCode:
     if sim_url:
         log.info("simulated upstream (%s mode, %d slots) on %s", args.sim_mode, args.sim_slots, sim_url)
     try:
-        asyncio.run(serve(settings, sim_config))
+        asyncio.run(serve(settings, sim_config, reload_from=lambda: settings_from_args(args, sim_url)))
     except ConfigError as exc:  # e.g. an OTEL_* variable asking for an exporter the guard does not ship
         print(f"gateway-guard: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR

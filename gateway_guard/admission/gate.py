@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Protocol
 
 from gateway_guard.admission.budget import TokenBudget
@@ -33,7 +32,8 @@ from gateway_guard.admission.lanes import LaneQueue as _LaneQueue
 from gateway_guard.admission.lanes import ProfilePolicy as ProfilePolicy
 from gateway_guard.admission.lanes import Waiter as _Waiter
 from gateway_guard.admission.limit import Limit
-from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane, UpstreamTimeout
+from gateway_guard.admission.permit import Permit as Permit
+from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,76 +76,6 @@ class AdmissionGate(Protocol):
     def lane_names(self) -> Iterable[str]: ...
 
 
-class Permit:
-    """One admitted request. ``release()`` is idempotent; ``async with permit:`` releases on every path."""
-
-    __slots__ = (
-        "_gate",
-        "_released",
-        "acquired_at",
-        "lane",
-        "output_tokens",
-        "profile",
-        "prompt_estimate",
-        "prompt_tokens",
-        "queue_wait",
-        "tokens",
-        "ttft",
-    )
-
-    def __init__(
-        self,
-        gate: Gate,
-        lane: str,
-        profile: str,
-        acquired_at: float,
-        queue_wait: float,
-        *,
-        tokens: int = 0,
-        prompt_estimate: int = 0,
-    ) -> None:
-        self._gate = gate
-        self._released = False
-        self.lane = lane
-        self.profile = profile
-        self.acquired_at = acquired_at
-        self.queue_wait = queue_wait
-        self.tokens = tokens  # held from the gate's token budget
-        self.prompt_estimate = prompt_estimate
-        self.ttft: float | None = None
-        self.prompt_tokens: int | None = None
-        self.output_tokens: int | None = None
-
-    def report_usage(self, *, ttft: float | None, prompt_tokens: int | None, output_tokens: int | None) -> None:
-        """What the response showed (before release): feeds the token budget's estimates and the limit."""
-        self.ttft, self.prompt_tokens, self.output_tokens = ttft, prompt_tokens, output_tokens
-
-    @property
-    def tokens_used(self) -> int:
-        """Prompt + output tokens as reported, the prompt estimate standing in for an unreported prompt."""
-        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.prompt_estimate
-        return prompt + (self.output_tokens or 0)
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self, *, dropped: bool = False) -> None:
-        if self._released:
-            return
-        self._released = True
-        self._gate._on_release(self, dropped=dropped)
-
-    async def __aenter__(self) -> Permit:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        # a drop is the upstream timing out (overload), not a client that left or a server that is down
-        self.release(dropped=exc_type is not None and issubclass(exc_type, UpstreamTimeout))
-
-
 class Gate:
     """In-memory admission gate for one upstream."""
 
@@ -174,6 +104,7 @@ class Gate:
         self._loop: asyncio.AbstractEventLoop | None = None  # bound on first use; release() may run outside it
         self._mean_hold = 1.0  # EWMA of permit hold time, seconds: the base of Retry-After estimates
         self.budget = budget
+        self._retired: set[str] = set()  # lanes a reload removed: they drain, new requests are refused
         self._follow(limit)
 
     # -- public -------------------------------------------------------------------------------------------
@@ -191,7 +122,7 @@ class Gate:
         return self._in_flight
 
     def lane_names(self) -> Iterable[str]:
-        return self._lanes.keys()
+        return [name for name in self._lanes if name not in self._retired]
 
     def lane_policy(self, lane: str) -> LanePolicy:
         return self._lanes[lane].policy
@@ -233,7 +164,10 @@ class Gate:
 
     def retry_after(self, lane: str) -> float:
         """Seconds until a new request of ``lane`` could expect a slot, from queue depth and hold time."""
-        own = self._lanes[lane].policy
+        queue = self._lanes.get(lane)
+        if queue is None:  # a lane a reload removed, drained just now
+            return self._mean_hold
+        own = queue.policy
         ahead = sum(q.count for q in self._lanes.values() if q.policy.priority <= own.priority)
         return (ahead + 1) * self._mean_hold / max(1, self._lane_cap(own))
 
@@ -266,13 +200,52 @@ class Gate:
             max_context_tokens=None if budget is None else budget.capacity,
         )
 
+    def reconfigure(
+        self,
+        *,
+        lanes: Iterable[LanePolicy],
+        profiles: Mapping[str, ProfilePolicy],
+        aging_seconds: float,
+        budget: TokenBudget | None,
+        limit: Limit | None = None,
+    ) -> None:
+        """A new policy (config reload). Nothing in flight or queued is dropped: queued requests keep their
+        place and their deadline; a removed lane takes no new request and goes once drained; a new budget
+        keeps what the old one learnt and holds; a new ``limit`` replaces the old one (else it stays)."""
+        new = {p.name: p for p in lanes}
+        if not new:
+            raise ValueError("a gate needs at least one lane")
+        for name, policy in new.items():
+            if name in self._lanes:
+                self._lanes[name].policy = policy
+            else:
+                self._lanes[name] = _LaneQueue(policy)
+        self._retired = {name for name in self._lanes if name not in new}
+        self._prune()
+        self._profiles = dict(profiles)
+        self._aging = aging_seconds
+        if budget is not None and self.budget is not None:
+            self.budget.capacity, self.budget.default_output = budget.capacity, budget.default_output
+        else:
+            self.budget = budget  # permits holding tokens of a budget now gone give back nothing
+        if limit is not None and limit is not self._limit:
+            self._limit = limit
+            self._follow(limit)
+        if self._loop is not None:
+            self._grant()  # a higher cap or a larger budget may let waiters in now
+
     # -- internals ----------------------------------------------------------------------------------------
 
     def _lane(self, lane: str) -> _LaneQueue:
         queue = self._lanes.get(lane)
-        if queue is None:
-            raise UnknownLane(f"unknown lane {lane!r}; lanes are: {', '.join(self._lanes)}", lane=lane)
+        if queue is None or lane in self._retired:
+            raise UnknownLane(f"unknown lane {lane!r}; lanes are: {', '.join(self.lane_names())}", lane=lane)
         return queue
+
+    def _prune(self) -> None:
+        for name in [n for n in self._retired if not self._lanes[n].count and not self._lanes[n].in_flight]:
+            del self._lanes[name]
+            self._retired.discard(name)
 
     def _follow(self, limit: Limit) -> None:
         def changed(_new: int) -> None:
@@ -314,11 +287,13 @@ class Gate:
     def _forget(self, waiter: _Waiter) -> None:
         if waiter.timer is not None:
             waiter.timer.cancel()
-        queue = self._lanes[waiter.lane]
-        fifo = queue.by_profile.get(waiter.profile)
-        if fifo is not None and waiter in fifo:
+        queue = self._lanes.get(waiter.lane)  # None: a lane a reload removed has drained meanwhile
+        fifo = None if queue is None else queue.by_profile.get(waiter.profile)
+        if queue is not None and fifo is not None and waiter in fifo:
             queue.remove(waiter)
             self._dec(self._profile_queued, waiter.profile)
+        if self._retired:
+            self._prune()
 
     def _expire(self, waiter: _Waiter) -> None:
         if waiter.future.done():
@@ -367,8 +342,9 @@ class Gate:
             self._in_flight += 1
             queue.in_flight += 1
             self._profile_in_flight[waiter.profile] = self._profile_in_flight.get(waiter.profile, 0) + 1
+            tokens = waiter.tokens if budget is not None else 0
             if budget is not None:
-                budget.take(waiter.tokens)
+                budget.take(tokens)
             waiter.future.set_result(
                 Permit(
                     self,
@@ -376,8 +352,9 @@ class Gate:
                     waiter.profile,
                     now,
                     now - waiter.enqueued_at,
-                    tokens=waiter.tokens,
+                    tokens=tokens,
                     prompt_estimate=waiter.prompt_estimate,
+                    budget=budget,
                 )
             )
 
@@ -393,8 +370,9 @@ class Gate:
         self._in_flight -= 1
         self._lanes[permit.lane].in_flight -= 1
         self._dec(self._profile_in_flight, permit.profile)
+        if permit.budget is not None:
+            permit.budget.give(permit.tokens)
         if self.budget is not None:
-            self.budget.give(permit.tokens)
             self.budget.learn(
                 permit.profile,
                 prompt_estimate=permit.prompt_estimate,
@@ -410,6 +388,8 @@ class Gate:
             blocked=blocked,
         )
         self._grant()
+        if self._retired:
+            self._prune()
 
     @staticmethod
     def _dec(counts: dict[str, int], key: str) -> None:

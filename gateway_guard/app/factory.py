@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -12,13 +12,20 @@ from starlette.routing import Route
 
 from gateway_guard.app import endpoints
 from gateway_guard.app.proxy import ProxyHandler
+from gateway_guard.app.reload import Reloader, reload_endpoint
 from gateway_guard.app.state import GuardState
 from gateway_guard.settings import Settings
 
 log = logging.getLogger("gateway_guard")
 
 
-def build_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+def build_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    reload_from: Callable[[], Settings] | None = None,
+) -> Starlette:
+    """``reload_from`` reads the config again (file + environment + flags) for SIGHUP / ``POST /guard/reload``."""
     state = GuardState.build(settings, transport=transport)
     proxy = ProxyHandler(state)
 
@@ -38,9 +45,11 @@ def build_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None 
         Route("/guard/health", endpoints.health, methods=["GET"]),
         Route("/guard/ready", endpoints.ready, methods=["GET"]),
         Route("/guard/upstreams/{name}/limit", endpoints.set_limit, methods=["POST"]),
+        Route("/guard/reload", reload_endpoint, methods=["POST"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         Route("/{path:path}", proxy, methods=methods),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.guard = state
+    app.state.reloader = Reloader(state, reload_from)
     return app

@@ -145,6 +145,10 @@ class Prober:
                 self._on_saturation(sat)
             await asyncio.sleep(self.interval)
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self.run(), name=f"probe {self.upstream.name}")

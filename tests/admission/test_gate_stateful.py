@@ -1,9 +1,10 @@
-"""Random acquire / release / cancel / deadline / limit-change sequences, with a token budget: the cap and the
-budget hold and nothing leaks after every step."""
+"""Random acquire / release / cancel / deadline / limit-change / reconfigure sequences, with a token budget: the
+cap, the budget and the profile caps hold and nothing leaks after every step."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -12,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from gateway_guard.admission.budget import TokenBudget
 from gateway_guard.admission.gate import Gate, LanePolicy, Permit, ProfilePolicy
 from gateway_guard.admission.limit import FixedLimit
-from gateway_guard.errors import Rejected
+from gateway_guard.errors import Rejected, UnknownLane
 
 LIMIT = 3
 LANES = [
@@ -34,6 +35,9 @@ class GateMachine(RuleBasedStateMachine):
         self.pending: list[asyncio.Task[Permit]] = []
         self.held: list[Permit] = []
         self.granted_now: list[Permit] = []
+        self.budget_cap = BUDGET
+        self.cap_a = 1
+        self.interactive_open = True
 
     async def _make_gate(self) -> Gate:
         return Gate("up", self.limit, LANES, PROFILES, aging_seconds=4, budget=TokenBudget(BUDGET, default_output=10))
@@ -55,7 +59,8 @@ class GateMachine(RuleBasedStateMachine):
                     self.held.append(task.result())
                     self.granted_now.append(task.result())
                 elif not task.cancelled():
-                    assert isinstance(task.exception(), Rejected)
+                    error = task.exception()
+                    assert isinstance(error, Rejected) or (isinstance(error, UnknownLane) and not self.interactive_open)
 
     @rule(
         lane=st.sampled_from(["interactive", "batch"]),
@@ -94,6 +99,23 @@ class GateMachine(RuleBasedStateMachine):
         self.limit.set(limit)
         self.settle()
 
+    @rule(
+        batch_headroom=st.integers(min_value=0, max_value=1),
+        budget=st.sampled_from([50, 100, 200]),
+        cap_a=st.integers(min_value=1, max_value=2),
+        interactive=st.booleans(),
+    )
+    def reconfigure(self, batch_headroom: int, budget: int, cap_a: int, interactive: bool) -> None:
+        """A config reload: queued and in-flight requests stay; a removed lane drains."""
+        lanes = [dataclasses.replace(LANES[1], headroom=batch_headroom)] + ([LANES[0]] if interactive else [])
+        profiles = {**PROFILES, "a": ProfilePolicy(max_inflight=cap_a, max_queued=3)}
+        before = self.gate.snapshot()
+        self.gate.reconfigure(lanes=lanes, profiles=profiles, aging_seconds=4, budget=TokenBudget(budget))
+        self.budget_cap, self.cap_a, self.interactive_open = budget, cap_a, interactive
+        after = self.gate.snapshot()
+        assert after.queued + (after.in_flight - before.in_flight) == before.queued, "a queued request was lost"
+        self.settle()
+
     @rule(seconds=st.floats(min_value=0.1, max_value=12))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
@@ -105,14 +127,17 @@ class GateMachine(RuleBasedStateMachine):
         limit = self.limit.limit
         assert snap.in_flight == len(self.held), "permit leaked or double counted"
         assert snap.in_flight <= 4
-        if self.granted_now:  # granted under the current limit (a lowered limit drains, never preempts)
-            assert snap.in_flight <= limit
-            if any(p.lane == "batch" for p in self.granted_now):
-                assert snap.lanes["batch"].in_flight <= max(1, limit - 1)
-        assert snap.tokens_in_flight == sum(p.tokens for p in self.held), "budget tokens leaked"
-        assert len(self.held) <= 1 or snap.tokens_in_flight <= BUDGET, "over budget (only a lone request may be)"
         by_profile = {p: sum(1 for h in self.held if h.profile == p) for p in "abc"}
-        assert by_profile["a"] <= 1 and by_profile["b"] <= 2
+        if self.granted_now:  # granted under the current policy (a lowered one drains, never preempts)
+            assert snap.in_flight <= limit
+            headroom = self.gate.lane_policy("batch").headroom
+            if any(p.lane == "batch" for p in self.granted_now):
+                assert snap.lanes["batch"].in_flight <= max(1, limit - headroom)
+            assert len(self.held) <= 1 or snap.tokens_in_flight <= self.budget_cap, "over budget, not alone"
+            if any(p.profile == "a" for p in self.granted_now):
+                assert by_profile["a"] <= self.cap_a
+        assert snap.tokens_in_flight == sum(p.tokens for p in self.held), "budget tokens leaked"
+        assert by_profile["a"] <= 2 and by_profile["b"] <= 2
         waiting = sum(1 for t in self.pending if not t.done())
         assert snap.queued == waiting
         # work-conserving: a free slot and an eligible waiter never coexist

@@ -1,0 +1,149 @@
+"""Live reload: on SIGHUP or ``POST /guard/reload`` (admin token) the guard re-reads its config file.
+
+Limits, lanes, profiles, keys, rate limits, token budgets and the adaptive bounds change in place, without
+dropping a request: each gate is reconfigured (queued requests keep their place and deadline, a removed lane
+drains), rate buckets keep their level, a limit of the same kind keeps its state (an adaptive one its history).
+
+The new file is read and checked whole before anything changes; an invalid one is refused with the error that
+names the key, and the old config stays. What only a restart can change (the upstreams, their URLs, keys and
+timeouts) is refused by name too; a new ``server.host``/``port`` is noted and ignored until the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway_guard.admission.classify import Classifier
+from gateway_guard.admission.gate import Gate
+from gateway_guard.admission.limit import AdaptiveLimit, FixedLimit, Limit
+from gateway_guard.app.asgi import is_admin
+from gateway_guard.app.limits import build_budget, build_probers, profile_policies, profile_rates
+from gateway_guard.app.state import GuardState
+from gateway_guard.errors import ClientError, ConfigError, Forbidden, GuardError
+from gateway_guard.settings import Settings, UpstreamSettings
+
+log = logging.getLogger("gateway_guard.reload")
+
+RESTART_ONLY = ("url", "api_key", "connect_timeout", "read_timeout")
+
+
+class ConfigRefused(ClientError):
+    status = 422
+    code = "config_refused"
+
+
+class Reloader:
+    def __init__(self, state: GuardState, load: Callable[[], Settings] | None) -> None:
+        self.state = state
+        self._load = load
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> list[str]:
+        """Read, check and apply the config; returns what changed. Raises ``ConfigError`` and changes nothing."""
+        if self._load is None:
+            raise ConfigError("--config", "this guard was built without a config to reload")
+        async with self._lock:
+            new = self._load()
+            notes = check_reloadable(self.state.settings, new)
+            notes += await apply(self.state, new)
+        log.info("config reloaded: %s", "; ".join(notes) or "no change")
+        return notes
+
+    async def reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("config reload refused, the old config stays: %s", exc)
+
+    def install_sighup(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_logged()))
+
+    def remove_sighup(self) -> None:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+def check_reloadable(old: Settings, new: Settings) -> list[str]:
+    if set(new.upstreams) != set(old.upstreams):
+        added = sorted(set(new.upstreams) - set(old.upstreams))
+        removed = sorted(set(old.upstreams) - set(new.upstreams))
+        raise ConfigError("upstreams", f"adding {added} or removing {removed} upstreams needs a restart")
+    for name, up in new.upstreams.items():
+        for key in RESTART_ONLY:
+            if getattr(up, key) != getattr(old.upstreams[name], key):
+                raise ConfigError(f"upstreams.{name}.{key}", "changes only with a restart")
+    notes = []
+    for key in ("host", "port"):
+        if getattr(new.server, key) != getattr(old.server, key):
+            notes.append(f"server.{key} changes at the next start")
+    return notes
+
+
+async def apply(state: GuardState, new: Settings) -> list[str]:
+    notes: list[str] = []
+    policies = profile_policies(new)
+    for name, up in new.upstreams.items():
+        gate = state.gates[name]
+        if not isinstance(gate, Gate):
+            continue
+        before = (gate.limit, gate.limit_source.__class__.__name__)
+        limit = _limit_for(gate.limit_source, up)
+        gate.reconfigure(
+            lanes=up.lanes.values(),
+            profiles=policies,
+            aging_seconds=new.server.aging_seconds,
+            budget=build_budget(up),
+            limit=limit,
+        )
+        if (gate.limit, gate.limit_source.__class__.__name__) != before:
+            notes.append(f"upstreams.{name}: limit {before[0]} -> {gate.limit} ({up.limit})")
+    state.rates.reconfigure(new.lane_rates, profile_rates(new))
+    state.classifier = Classifier(new)
+    if new.profiles.keys() != state.settings.profiles.keys() or new.keys != state.settings.keys:
+        notes.append(f"profiles: {', '.join(sorted(new.profiles)) or '-'}; {len(new.keys)} keys")
+    state.settings = new
+    running = any(p.running for p in state.probers)
+    for prober in state.probers:
+        await prober.stop()
+    state.probers = build_probers(new, state.gates, state.upstreams)
+    if running:
+        state.start()
+    return notes
+
+
+def _limit_for(current: Limit, up: UpstreamSettings) -> Limit | None:
+    """The limit object the gate should have: the current one reconfigured when of the same kind, else new."""
+    if up.limit == "adaptive":
+        if isinstance(current, AdaptiveLimit):
+            current.reconfigure(floor=up.floor, ceiling=up.ceiling)
+            return None
+        return AdaptiveLimit(floor=up.floor, ceiling=up.ceiling)
+    if isinstance(current, FixedLimit):
+        if current.limit != up.max_inflight:
+            current.set(up.max_inflight, "set by config reload")
+        return None
+    return FixedLimit(up.max_inflight)
+
+
+async def reload_endpoint(request: Request) -> Response:
+    """``POST /guard/reload`` with the admin token: re-read the config file now."""
+    state: GuardState = request.app.state.guard
+    reloader: Reloader = request.app.state.reloader
+    try:
+        if not is_admin(state.settings.server.admin_token, {k.lower(): v for k, v in request.headers.items()}):
+            raise Forbidden("reloading the config needs the admin token (server.admin_token / GUARD_ADMIN_TOKEN)")
+        try:
+            notes = await reloader.reload()
+        except ConfigError as exc:
+            raise ConfigRefused(f"config refused, the old one stays: {exc}") from None
+    except GuardError as error:
+        return Response(error.body(), status_code=error.status, media_type="application/json")
+    body: dict[str, Any] = {"reloaded": True, "changes": notes}
+    return JSONResponse(body)
