@@ -48,16 +48,18 @@ class UpstreamResponse:
 
 
 class Upstream:
+    """Talks to the transport directly, not through ``httpx.AsyncClient``: a proxy must have no cookie jar
+    (the client's jar would carry one user's ``Set-Cookie`` into another user's request), no redirects, no
+    environment proxies and no per-request URL merging — and skipping them is most of httpx's per-request cost.
+    """
+
     def __init__(self, settings: UpstreamSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
-        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None)
-        self._client = httpx.AsyncClient(
-            base_url=settings.url,
-            timeout=timeout,
+        self._base = httpx.URL(settings.url)
+        self._timeouts = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=None).as_dict()
+        self._transport = transport or httpx.AsyncHTTPTransport(
             # Servers close idle keep-alive connections (llama.cpp's cpp-httplib after 5 s); expire ours sooner.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
-            transport=transport,
-            follow_redirects=False,
             trust_env=False,  # the upstream comes from config only, never from proxy variables
         )
 
@@ -65,28 +67,40 @@ class Upstream:
     def name(self) -> str:
         return self.settings.name
 
+    def _request(
+        self, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes, timeout: float | None
+    ) -> httpx.Request:
+        raw_path = (self._base.raw_path.rstrip(b"/") + path.encode()) + (b"?" + query if query else b"")
+        url = self._base.copy_with(raw_path=raw_path)
+        timeouts = self._timeouts if timeout is None else {**self._timeouts, "read": timeout, "connect": timeout}
+        return httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": timeouts})
+
     async def send(
         self, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes
     ) -> UpstreamResponse:
         """Send and return once the upstream's status line and headers have arrived."""
-        url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)
-        request = self._client.build_request(
-            method, url, headers=upstream_request_headers(headers, self.settings.api_key), content=body
+        request = self._request(
+            method, path, query, upstream_request_headers(headers, self.settings.api_key), body, None
         )
         with map_httpx_errors(self.name, self.settings.read_timeout):
             try:
-                response = await self._client.send(request, stream=True)
+                response = await self._transport.handle_async_request(request)
             except STALE_CONNECTION:
                 # Closed before a single byte of the response: a pooled keep-alive connection the server had
                 # just dropped. Nothing was generated; try once more on a fresh connection.
-                response = await self._client.send(request, stream=True)
+                response = await self._transport.handle_async_request(request)
         return UpstreamResponse(response, self)
 
     async def get_text(self, path: str, *, timeout: float = 2.0) -> tuple[int, str]:
         """A small GET for probes (readiness, the server's own /metrics)."""
+        request = self._request("GET", path, b"", list(self._auth().items()), b"", timeout)
         with map_httpx_errors(self.name, timeout):
-            response = await self._client.get(path, timeout=timeout, headers=self._auth())
-        return response.status_code, response.text
+            response = await self._transport.handle_async_request(request)
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+        return response.status_code, body.decode("utf-8", "replace")
 
     async def ready(self) -> tuple[bool, str]:
         """Reachable and answering? Tries the health endpoints llama.cpp, vLLM, OpenAI-likes and Ollama have."""
@@ -105,4 +119,4 @@ class Upstream:
         return {"authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()

@@ -22,7 +22,7 @@ def map_httpx_errors(upstream: str, read_timeout: float) -> Iterator[None]:
     except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
         raise UpstreamTimeout(f"upstream {upstream!r} sent nothing for {read_timeout:g}s (timed out)") from None
     except httpx.RemoteProtocolError:
-        raise UpstreamError(f"upstream {upstream!r} closed or reset the connection mid-response") from None
+        raise UpstreamError(f"upstream {upstream!r} closed the connection before the response was complete") from None
     except (httpx.ReadError, httpx.WriteError):
         raise UpstreamError(f"upstream {upstream!r} connection failed while transferring (reset)") from None
     except httpx.TransportError as exc:

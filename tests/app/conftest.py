@@ -71,6 +71,7 @@ class EchoUpstream:
                     (b"content-type", b"application/json"),
                     (b"connection", b"keep-alive, x-secret-hop"),
                     (b"x-secret-hop", b"1"),
+                    (b"set-cookie", b"session=alice-secret; Path=/"),
                     (b"x-upstream", b"echo"),
                 ],
             }

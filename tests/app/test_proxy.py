@@ -298,3 +298,13 @@ async def test_capacity_reports_batch_room_at_top_level() -> None:
         assert cap["free"] == 2 and cap["upstreams"]["default"]["in_flight"] == 1
         held.release()
         assert (await client.get("/guard/health")).json() == {"status": "ok"}
+
+
+async def test_no_cookie_jar_carries_one_clients_cookie_to_another() -> None:
+    upstream = EchoUpstream()  # answers every request with Set-Cookie: session=alice-secret
+    async with guard_client(settings_for(), upstream) as (client, _):
+        first = await client.post("/v1/chat/completions", json=CHAT)
+        assert "alice-secret" in first.headers["set-cookie"]  # relayed to the client it was meant for
+        client.cookies.clear()  # the next caller has no cookie of its own
+        await client.post("/v1/chat/completions", json=CHAT)
+        assert upstream.header(1, "cookie") is None
