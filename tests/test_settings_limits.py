@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway_guard.admission.rate import RatePolicy
 from gateway_guard.errors import ConfigError
-from gateway_guard.settings import parse_settings
+from gateway_guard.settings import load_settings, parse_settings
 
 UP = {"url": "http://127.0.0.1:8080"}
 
@@ -67,3 +68,12 @@ def test_token_budget_keys() -> None:
     up = parse(upstreams={"gpu": {**UP, "max_context_tokens": 32768, "default_output_tokens": 300}}).upstreams["gpu"]
     assert (up.max_context_tokens, up.default_output_tokens) == (32768, 300)
     assert parse().upstreams["gpu"].max_context_tokens is None
+
+
+def test_the_example_config_parses() -> None:
+    path = Path(__file__).resolve().parents[1] / "config" / "guard.limits.example.toml"
+    s = load_settings(path, environ={"GUARD_KEY_REASONING": "k1", "GUARD_KEY_CHAT": "k2"})
+    up = s.upstreams["gpu"]
+    assert (up.limit, up.ceiling, up.max_context_tokens) == ("adaptive", 16, 32768)
+    assert s.lane_rates["batch"].tokens_per_minute == 600000
+    assert s.profiles["reasoning"].rate.requests_per_minute == 20
