@@ -120,6 +120,15 @@ async def serve(
         raise OSError("a server did not start (is the port in use?)")
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (a faster event loop; it is a dependency on Linux), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(args: argparse.Namespace) -> ExitCode:
     sim_config: uvicorn.Config | None = None
     sim_url = None
@@ -139,7 +148,8 @@ def run(args: argparse.Namespace) -> ExitCode:
     if sim_url:
         log.info("simulated upstream (%s mode, %d slots) on %s", args.sim_mode, args.sim_slots, sim_url)
     try:
-        asyncio.run(serve(settings, sim_config, reload_from=lambda: settings_from_args(args, sim_url)))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings, sim_config, reload_from=lambda: settings_from_args(args, sim_url)))
     except ConfigError as exc:  # e.g. an OTEL_* variable asking for an exporter the guard does not ship
         print(f"gateway-guard: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
