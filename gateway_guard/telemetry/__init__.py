@@ -17,7 +17,7 @@ from gateway_guard.settings import Settings
 from gateway_guard.telemetry.access_log import JsonLogFormatter, access_fields, access_log, log_access
 from gateway_guard.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway_guard.telemetry.metrics import GuardMetrics
-from gateway_guard.telemetry.otel_env import client_trace_id, provider_from_env
+from gateway_guard.telemetry.otel_env import client_trace_id, tracing_from_env
 from gateway_guard.telemetry.record import RequestRecord
 from gateway_guard.upstream.client import Upstream
 
@@ -57,13 +57,9 @@ class Telemetry:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> Telemetry:
-        """Tracing follows the ``OTEL_*`` environment (``tracing.provider_from_env``); off by default."""
-        provider = provider_from_env(os.environ if environ is None else environ)
-        tracing = None
-        if provider is not None:
-            from gateway_guard.telemetry.tracing import Tracing
-
-            tracing = Tracing(provider, {name: up.url for name, up in settings.upstreams.items()})
+        """Tracing follows the ``OTEL_*`` environment (``otel_env.tracing_from_env``); off by default."""
+        urls = {name: up.url for name, up in settings.upstreams.items()}
+        tracing = tracing_from_env(os.environ if environ is None else environ, urls)
         return cls(
             log_json=settings.server.log_json,
             gates=gates,

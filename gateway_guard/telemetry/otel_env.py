@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from gateway_guard.errors import ConfigError
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
+    from gateway_guard.telemetry.tracing import Tracing
 
 SERVICE_NAME = "gateway-guard"
 
@@ -41,23 +41,26 @@ def tracing_wanted(environ: Mapping[str, str]) -> list[str]:
     return names
 
 
-def provider_from_env(environ: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """A TracerProvider with a batch exporter per name in ``OTEL_TRACES_EXPORTER``, or None (tracing off)."""
+def tracing_from_env(
+    environ: Mapping[str, str] | None = None, upstream_urls: Mapping[str, str] | None = None
+) -> Tracing | None:
+    """``Tracing`` with a batch exporter per name in ``OTEL_TRACES_EXPORTER``, or None (tracing off)."""
     env = os.environ if environ is None else environ
     names = tracing_wanted(env)
     if not names:
         return None
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-    from gateway_guard.telemetry.tracing import PresetIds
+    from gateway_guard.telemetry.tracing import Tracing
 
+    processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
     named = "OTEL_SERVICE_NAME" in env or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    provider = TracerProvider(
+    provider = TracerProvider(  # resource and sampler read from OTEL_* by the SDK itself
         resource=Resource.create({} if named else {"service.name": SERVICE_NAME}),
         shutdown_on_exit=False,  # the guard's lifespan shuts it down (flushes, joins the exporter threads)
-        id_generator=PresetIds(),
+        active_span_processor=processor,
     )
     for name in names:
         exporter: SpanExporter
@@ -68,7 +71,7 @@ def provider_from_env(environ: Mapping[str, str] | None = None) -> TracerProvide
         else:
             exporter = ConsoleSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    return Tracing(provider, processor, upstream_urls)
 
 
 def client_trace_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

@@ -1,11 +1,12 @@
 """OpenTelemetry traces of proxied requests, exported over OTLP/HTTP; off unless the environment asks.
 
-Imported only when tracing is on (``otel_env.provider_from_env``): when off, no OpenTelemetry module is loaded.
+Imported only when tracing is on (``otel_env.tracing_from_env``): when off, no OpenTelemetry module is loaded.
 
 Per request, only the SERVER span (continuing the client's W3C ``traceparent``, made current for the
 handler's task) and the CLIENT span of the upstream call (its context is what the upstream receives as
 ``traceparent``) are live while it runs; the rest is drawn from the record's timestamps when it ends, with
-true times. Few spans and few attributes, because each costs tens of microseconds in the SDK::
+true times, as finished spans handed straight to the span processor (see ``Tracing``). Few spans and few
+attributes: the exporter's thread encodes each one in Python, and that competes for the GIL::
 
     POST /v1/chat/completions   SERVER  guard.lane, guard.profile, guard.upstream, guard.outcome,
     |                                   guard.queue.wait_seconds, gen_ai.request.model, http.*
@@ -19,7 +20,6 @@ true times. Few spans and few attributes, because each costs tens of microsecond
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextvars import Token
@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
-    Span,
     SpanContext,
     SpanKind,
     Status,
@@ -49,6 +49,7 @@ from gateway_guard.telemetry.record import RequestRecord
 
 PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 QUEUED_SECONDS = 0.001  # a permit granted sooner was granted at once: no queue.wait span for it
+UNSET = Status(StatusCode.UNSET)
 ERROR_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT})
 GEN_AI_OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -61,42 +62,25 @@ GEN_AI_OPERATIONS = {
 }
 
 
-class PresetIds(RandomIdGenerator):
-    """Random ids, except the one id handed over just before a span is drawn (``preset``).
-
-    The guard chooses a request's span ids when it arrives (to send ``traceparent`` upstream at once) and
-    creates the SDK spans only when the request has ended, with those ids: nothing but a few integers is
-    spent on tracing before the response. The preset is per thread and cleared after each span.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def preset(self, *, span_id: int | None, trace_id: int | None) -> None:
-        self._local.span_id, self._local.trace_id = span_id, trace_id
-
-    def generate_span_id(self) -> int:
-        span_id: int | None = getattr(self._local, "span_id", None)
-        if span_id is None:
-            return super().generate_span_id()
-        self._local.span_id = None
-        return span_id
-
-    def generate_trace_id(self) -> int:  # asked for root spans only
-        trace_id: int | None = getattr(self._local, "trace_id", None)
-        if trace_id is None:
-            return super().generate_trace_id()
-        self._local.trace_id = None
-        return trace_id
-
-
 class _Pending:
     """One request's trace before its spans exist: ids, the parent, the clock offset (perf_counter -> epoch ns)."""
 
-    __slots__ = ("client_id", "flags", "parent", "perf0", "server", "server_id", "token", "trace_id", "wall0")
+    __slots__ = (
+        "client_id",
+        "flags",
+        "parent",
+        "perf0",
+        "remote",
+        "server",
+        "server_id",
+        "token",
+        "trace_id",
+        "wall0",
+    )
 
     def __init__(self, parent: otel_context.Context, trace_id: int, server_id: int, wall0: int, perf0: float) -> None:
         self.parent = parent
+        self.remote: SpanContext | None = None  # the client's span, when it sent a traceparent
         self.trace_id = trace_id
         self.server_id = server_id
         self.client_id: int | None = None
@@ -111,14 +95,22 @@ class _Pending:
 
 
 class Tracing:
-    def __init__(self, provider: TracerProvider, upstream_urls: Mapping[str, str] | None = None) -> None:
+    r"""Draws each request's spans when it ends, as finished ``ReadableSpan``\ s handed to ``processor``.
+
+    Not through a ``Tracer``: a tracer starts spans now and times them live; these spans are over when they
+    are made, with ids chosen when the request arrived. A tenth of the CPU of ``start_span`` / ``end``.
+    ``provider`` holds the resource and the sampler (both from the ``OTEL_*`` environment) and owns
+    ``processor`` (it flushes and shuts it down); its tracers, if anyone asks for one, export alike.
+    """
+
+    def __init__(
+        self, provider: TracerProvider, processor: SpanProcessor, upstream_urls: Mapping[str, str] | None = None
+    ) -> None:
         self.provider = provider
-        ids = provider.id_generator
-        if not isinstance(ids, PresetIds):
-            ids = provider.id_generator = PresetIds()  # before get_tracer: a tracer keeps its provider's generator
-        self._ids = ids
-        self._tracer = provider.get_tracer("gateway_guard")
+        self._processor = processor
+        self._resource = provider.resource
         self._sampler = provider.sampler
+        self._scope = InstrumentationScope("gateway_guard")
         self._random = RandomIdGenerator()
         self._addresses: dict[str, dict[str, Any]] = {}
         for name, url in (upstream_urls or {}).items():
@@ -140,6 +132,7 @@ class Tracing:
         if not sampled:
             pending.flags = TraceFlags(TraceFlags.DEFAULT)
         trace_state = remote.trace_state if remote.is_valid else None
+        pending.remote = remote if remote.is_valid else None
         pending.server = SpanContext(trace_id, pending.server_id, False, pending.flags, trace_state)
         pending.token = otel_context.attach(set_span_in_context(NonRecordingSpan(pending.server), parent))
         record.trace = pending
@@ -170,10 +163,12 @@ class Tracing:
                 otel_context.detach(pending.token)
 
     def _draw(self, record: RequestRecord, pending: _Pending) -> None:
+        assert pending.server is not None
         end_perf = record.started + record.duration
         end = pending.ns(end_perf)
         outcome = record.outcome.value
         failed = record.status >= 500 or record.outcome in ERROR_OUTCOMES
+        status = Status(StatusCode.ERROR, record.error or outcome) if failed else UNSET
         attrs: dict[str, Any] = {
             "http.request.method": record.method,
             "url.path": record.path,
@@ -190,19 +185,22 @@ class Tracing:
                 attrs[key] = value
         if record.status:
             attrs["http.response.status_code"] = record.status
-        server = self._span(
-            f"{record.method} {record.path}",
-            pending.parent,
-            SpanKind.SERVER,
-            pending.ns(record.started),
-            attrs,
-            span_id=pending.server_id,
-            trace_id=pending.trace_id,
-        )
-        context = set_span_in_context(server, pending.parent)
         classified = next((t for t in (record.queue_entered, record.upstream_started) if t is not None), None)
-        if classified is not None:
-            server.add_event("guard.classified", timestamp=pending.ns(classified))
+        events = () if classified is None else (Event("guard.classified", None, pending.ns(classified)),)
+        server = pending.server
+        spans = [
+            self._span(
+                f"{record.method} {record.path}",
+                server,
+                pending.remote,
+                SpanKind.SERVER,
+                pending.ns(record.started),
+                end,
+                attrs,
+                events,
+                status,
+            )
+        ]
 
         if record.queue_entered is not None:
             admitted = record.upstream_started is not None
@@ -212,48 +210,50 @@ class Tracing:
                 wait_attrs: dict[str, Any] = {"guard.queue.wait_seconds": waited, "guard.queue.admitted": admitted}
                 if not admitted:
                     wait_attrs["guard.outcome"] = outcome
-                wait = self._span(
-                    "queue.wait", context, SpanKind.INTERNAL, pending.ns(record.queue_entered), wait_attrs
+                context = SpanContext(pending.trace_id, self._random.generate_span_id(), False, pending.flags)
+                start, stop = pending.ns(record.queue_entered), pending.ns(waited_to)
+                spans.append(
+                    self._span("queue.wait", context, server, SpanKind.INTERNAL, start, stop, wait_attrs, (), UNSET)
                 )
-                wait.end(end_time=pending.ns(waited_to))
 
         if pending.client_id is not None and record.upstream_started is not None:
             client_attrs = _upstream_attributes(record) | self._addresses.get(record.upstream or "", {})
-            client = self._span(
-                "upstream",
-                context,
-                SpanKind.CLIENT,
-                pending.ns(record.upstream_started),
-                client_attrs,
-                span_id=pending.client_id,
-            )
+            first_token: tuple[Event, ...] = ()
             if record.streamed and record.ttfb is not None:
-                client.add_event("gen_ai.first_token", timestamp=pending.ns(record.upstream_started + record.ttfb))
-            if failed:
-                client.set_status(Status(StatusCode.ERROR, record.error or outcome))
-            client.end(end_time=end)
-
-        if failed:
-            server.set_status(Status(StatusCode.ERROR, record.error or outcome))
-        server.end(end_time=end)
+                first_token = (Event("gen_ai.first_token", None, pending.ns(record.upstream_started + record.ttfb)),)
+            context = SpanContext(pending.trace_id, pending.client_id, False, pending.flags, server.trace_state)
+            start = pending.ns(record.upstream_started)
+            spans.append(
+                self._span("upstream", context, server, SpanKind.CLIENT, start, end, client_attrs, first_token, status)
+            )
+        for span in spans:
+            self._processor.on_end(span)
 
     def _span(
         self,
         name: str,
-        parent: otel_context.Context,
+        context: SpanContext,
+        parent: SpanContext | None,
         kind: SpanKind,
         start: int,
+        end: int,
         attributes: dict[str, Any],
-        *,
-        span_id: int | None = None,
-        trace_id: int | None = None,
-    ) -> Span:
-        if span_id is not None:
-            self._ids.preset(span_id=span_id, trace_id=trace_id)
-        try:
-            return self._tracer.start_span(name, context=parent, kind=kind, start_time=start, attributes=attributes)
-        finally:
-            self._ids.preset(span_id=None, trace_id=None)
+        events: tuple[Event, ...],
+        status: Status,
+    ) -> ReadableSpan:
+        return ReadableSpan(
+            name,
+            context=context,
+            parent=parent,
+            resource=self._resource,
+            attributes=attributes,
+            events=events,
+            kind=kind,
+            status=status,
+            start_time=start,
+            end_time=max(start, end),
+            instrumentation_scope=self._scope,
+        )
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # flushes the batch processors and joins their threads

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
+from typing import Any
 
 import httpx
 import pytest
@@ -185,3 +189,45 @@ def test_an_unsupported_exporter_is_a_config_error_naming_the_variable(environ: 
     with pytest.raises(ConfigError) as info:
         tracing_wanted(environ)
     assert info.value.key == key
+
+
+async def test_the_server_span_is_current_in_the_handlers_task(
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ContextVar propagation through the pure-ASGI proxy: code the handler runs sees the guard's server span."""
+    from opentelemetry import trace
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", otlp_receiver.endpoint)
+    seen: list[tuple[str, str]] = []
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # httpx.ASGITransport runs this inside the guard's own task: its context is the handler's
+        ctx = trace.get_current_span().get_span_context()
+        seen.append((trace.format_trace_id(ctx.trace_id), trace.format_span_id(ctx.span_id)))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = build_app(parse_settings(guard_settings("http://upstream.test")), transport=httpx.ASGITransport(upstream))
+    state: GuardState = app.state.guard
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guard.test") as client:
+            headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+            assert (await client.post("/v1/chat/completions", json=chat(), headers=headers)).status_code == 200
+    finally:
+        await state.aclose()
+    server = server_span(otlp_receiver.trace(CLIENT_TRACE))
+    assert seen == [(CLIENT_TRACE, server.span_id)]
+    assert trace.get_current_span().get_span_context().is_valid is False, "and detached once the request ended"
+
+
+def test_tracing_off_imports_no_opentelemetry() -> None:
+    code = (
+        "import sys\n"
+        "from gateway_guard.app.factory import build_app\n"
+        "from gateway_guard.settings import parse_settings\n"
+        "build_app(parse_settings({'upstreams': {'u': {'url': 'http://127.0.0.1:9'}}}))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('opentelemetry')}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
