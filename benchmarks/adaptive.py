@@ -6,16 +6,18 @@
 3. **adaptive**: the same guard with ``limit = "adaptive"``, ``ceiling`` 16 (starting wrong, at 16) and
    ``probe_interval`` 0.5 s (config given as ``GUARD__UPSTREAMS__DEFAULT__*`` environment overrides).
 
-Each way gets the same closed loop of ``--clients`` (16) non-streamed chat requests for ``--seconds``, on the
+The ways run in ABBA order (``--rounds`` 2: fixed, adaptive, adaptive, fixed), so that a warming server or a
+neighbour's load does not favour one. Each run is a fresh guard (the adaptive one starts at 16 every time) and
+the same closed loop of ``--clients`` (16) non-streamed chat requests for ``--seconds``, on the
 ``--lane`` (default ``interactive``: no headroom, so the whole limit can be filled; ``batch`` keeps one slot
 for interactive requests). Every 0.25 s it samples the guard's limit (``/guard/capacity``) and the server's
 ``llamacpp:requests_processing`` / ``requests_deferred``. It prints the adaptive limit's trajectory (each change
 with its reason) and, per way: completion tokens/s (from ``usage``) and its ratio to the fixed cap, request
 latency p50/p95, the share of samples with requests deferred by the server after the first 2 s, and the mean
-limit.
+limit, per run and over all runs of a way.
 
 Usage: ``.venv/bin/python benchmarks/adaptive.py [--seconds 40] [--clients 16] [--model med] [--lane batch]``
-(about 2 minutes with the defaults on 2 cores).
+(about 3 minutes with the defaults on 2 cores).
 """
 
 from __future__ import annotations
@@ -150,28 +152,42 @@ async def run_way(name: str, server: str, args: argparse.Namespace, adaptive: bo
     return way
 
 
-def report(fixed: Way, adaptive: Way, args: argparse.Namespace) -> str:
-    lines = [f"adaptive limit trajectory ({adaptive.name}):"]
-    lines += [f"  t={t:6.2f}s  limit={lim:2d}  {reason}" for t, lim, reason in adaptive.changes]
-    rows = []
-    for way in (fixed, adaptive):
-        rows.append(
-            [
-                way.name,
-                f"{way.tokens_per_second:.0f}",
-                f"{way.tokens_per_second / fixed.tokens_per_second:.3f}" if fixed.tokens_per_second else "-",
-                f"{percentile(way.latencies, 50):.2f}",
-                f"{percentile(way.latencies, 95):.2f}",
-                f"{way.deferred_share():.1%}",
-                f"{way.mean_limit():.2f}",
-                str(way.errors),
-            ]
-        )
-    headers = ["way", "tokens/s", "vs fixed", "latency p50 s", "p95 s", "samples deferred>0", "mean limit", "errors"]
+def row(way: Way, base: float) -> list[str]:
+    return [
+        way.name,
+        f"{way.tokens_per_second:.0f}",
+        f"{way.tokens_per_second / base:.3f}" if base else "-",
+        f"{percentile(way.latencies, 50):.2f}",
+        f"{percentile(way.latencies, 95):.2f}",
+        f"{way.deferred_share():.1%}",
+        f"{way.mean_limit():.2f}",
+        str(way.errors),
+    ]
+
+
+def merged(name: str, runs: list[Way]) -> Way:
+    way = Way(name, seconds=sum(r.seconds for r in runs), errors=sum(r.errors for r in runs))
+    way.tokens = sum(r.tokens for r in runs)
+    way.latencies = [x for r in runs for x in r.latencies]
+    way.samples = [x for r in runs for x in r.samples]
+    return way
+
+
+def report(runs: list[Way], args: argparse.Namespace) -> str:
+    lines = []
+    for way in runs:
+        if way.name.startswith("adaptive"):
+            lines += [f"trajectory of {way.name}:"]
+            lines += [f"  t={t:6.2f}s  limit={lim:2d}  {reason}" for t, lim, reason in way.changes]
+    fixed = merged(f"fixed cap {args.slots}, all runs", [w for w in runs if w.name.startswith("fixed")])
+    adaptive = merged("adaptive, all runs", [w for w in runs if w.name.startswith("adaptive")])
+    base = fixed.tokens_per_second
+    rows = [row(w, base) for w in runs] + [row(fixed, base), row(adaptive, base)]
+    headers = ["run", "tokens/s", "vs fixed", "latency p50 s", "p95 s", "samples deferred>0", "mean limit", "errors"]
     lines += ["", table(headers, rows)]
     setup = f"model {args.model}, {args.slots} slots, {args.clients} clients, lane {args.lane}"
-    setup += f", {args.seconds:.0f} s per way, max_tokens {args.max_tokens}"
-    lines += ["", f"{setup}; deferred share and mean limit from {SETTLE} s on"]
+    setup += f", {args.seconds:.0f} s per run, max_tokens {args.max_tokens}"
+    lines += ["", f"{setup}; deferred share and mean limit from {SETTLE} s on; 'vs fixed' = over all fixed runs"]
     return "\n".join(lines)
 
 
@@ -180,9 +196,13 @@ async def main_async(args: argparse.Namespace) -> str:
         async with httpx.AsyncClient(timeout=120, trust_env=False) as client:  # warm the server up
             warm = {"model": args.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
             await asyncio.gather(*(client.post(f"{server.url}/v1/chat/completions", json=warm) for _ in range(4)))
-        fixed = await run_way(f"fixed cap {args.slots}", server.url, args, adaptive=False)
-        adaptive = await run_way("adaptive (ceiling 16)", server.url, args, adaptive=True)
-    return report(fixed, adaptive, args)
+        runs = []
+        for i in range(args.rounds):
+            order = (False, True) if i % 2 == 0 else (True, False)  # ABBA
+            for adaptive in order:
+                name = f"adaptive (ceiling 16) #{i + 1}" if adaptive else f"fixed cap {args.slots} #{i + 1}"
+                runs.append(await run_way(name, server.url, args, adaptive=adaptive))
+    return report(runs, args)
 
 
 def main() -> int:
@@ -194,6 +214,7 @@ def main() -> int:
     p.add_argument("--model", default="med", help="tests/support/llamacpp.py model size (default med)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default 64)")
     p.add_argument("--lane", default="interactive", help="lane of the load (default interactive: no headroom)")
+    p.add_argument("--rounds", type=int, default=2, help="fixed/adaptive pairs, in ABBA order (default 2)")
     args = p.parse_args()
     print(asyncio.run(main_async(args)))
     return 0

@@ -30,6 +30,7 @@ LLAMA_WAITING, LLAMA_RUNNING = "llamacpp:requests_deferred", "llamacpp:requests_
 VLLM_WAITING, VLLM_RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
 VLLM_KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 KINDS = ("llamacpp", "vllm", "ollama")
+TIMEOUT = 2.0  # a busy server answers its metrics late (llama.cpp: after the decode step under way), not never
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -108,7 +109,7 @@ class Prober:
         self._warned = False
 
     async def probe_once(self) -> Saturation | None:
-        timeout = min(self.interval, 2.0)
+        timeout = TIMEOUT
         for kind in (self.kind,) if self.kind else KINDS:
             sat = await self._read(kind, timeout)
             if sat is not None:
@@ -116,18 +117,20 @@ class Prober:
                     log.info("upstream %s: load read from %s", self.upstream.name, sat.source)
                 self.kind = kind
                 return sat
-        if not self._warned:
+        if self.kind is None and not self._warned:
             self._warned = True
-            log.warning("upstream %s: no load metrics answered (%s)", self.upstream.name, self.kind or "auto")
+            log.warning("upstream %s: no load metrics answered (probe auto): latency only", self.upstream.name)
         return None
 
     async def _read(self, kind: str, timeout: float) -> Saturation | None:
         path = "/api/ps" if kind == "ollama" else "/metrics"
         try:
             status, text = await self.upstream.get_text(path, timeout=timeout)
-        except GuardError:
+        except GuardError as exc:
+            log.debug("upstream %s: probe %s failed: %s", self.upstream.name, path, exc)
             return None
         if status != 200:
+            log.debug("upstream %s: probe %s -> %d", self.upstream.name, path, status)
             return None
         if kind == "ollama":
             try:
