@@ -72,7 +72,7 @@ def test_token_budget_keys() -> None:
 
 def test_the_example_config_parses() -> None:
     path = Path(__file__).resolve().parents[1] / "config" / "guard.limits.example.toml"
-    s = load_settings(path, environ={"GUARD_KEY_REASONING": "k1", "GUARD_KEY_CHAT": "k2"})
+    s = load_settings(path, environ={})
     up = s.upstreams["gpu"]
     assert (up.limit, up.ceiling, up.max_context_tokens) == ("adaptive", 16, 32768)
     assert s.lane_rates["batch"].tokens_per_minute == 600000
