@@ -8,9 +8,11 @@ and the guard's permit are both freed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from gateway_guard.admission.budget import estimate_prompt_tokens
 from gateway_guard.admission.rate import admit
@@ -26,7 +28,16 @@ from gateway_guard.app.asgi import (
     send_error,
 )
 from gateway_guard.app.state import GuardState
-from gateway_guard.errors import ClientError, Forbidden, GuardError, InvalidJSON, NotFound, Outcome
+from gateway_guard.errors import (
+    ClientError,
+    Forbidden,
+    GuardError,
+    InvalidJSON,
+    NotFound,
+    Outcome,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway_guard.telemetry import RequestRecord
 from gateway_guard.upstream.client import Upstream
 from gateway_guard.upstream.headers import client_response_headers
@@ -37,6 +48,9 @@ METADATA_POSTS = frozenset({"/api/show", "/api/tags", "/api/ps", "/api/version"}
 # Ollama calls that change the server's models: only with the admin token.
 ADMIN_ONLY = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
 PROXIED_PREFIXES = ("/v1/", "/api/")
+# How long a cut-off request keeps its slot after the guard closed the upstream connection (llama.cpp frees a
+# slot ~20 ms after its client goes away).
+ABORT_GRACE_SECONDS = 0.1
 
 
 def needs_permit(method: str, path: str) -> bool:
@@ -89,7 +103,7 @@ class ProxyHandler:
             permit = await admit(gate, state.rates, cls.lane, cls.profile, prompt_tokens=estimate_prompt_tokens(body))
             record.queue_wait = permit.queue_wait
             record.outcome = Outcome.ADMITTED
-            async with permit:  # released on every path: success, error, disconnect, cancellation
+            try:
                 try:
                     await self._forward(scope, upstream, headers, body, send, record)
                 finally:  # what it used (so far, if the client left): token rates, budget, adaptive limit
@@ -97,6 +111,18 @@ class ProxyHandler:
                         ttft=record.ttfb, prompt_tokens=record.prompt_tokens, output_tokens=record.completion_tokens
                     )
                     state.rates.charge(cls.lane, cls.profile, permit.tokens_used)
+            except UpstreamUnavailable:
+                permit.release()  # the request never reached the server
+                raise
+            except BaseException as exc:
+                # Cut off (client gone, upstream failed): the server notices the closed connection a moment
+                # later, so the slot stays counted a little longer and the cap holds as the server sees it.
+                # The timer always fires: the permit cannot leak.
+                asyncio.get_running_loop().call_later(
+                    ABORT_GRACE_SECONDS, partial(permit.release, dropped=isinstance(exc, UpstreamTimeout))
+                )
+                raise
+            permit.release()
 
     async def _forward(
         self,
@@ -178,5 +204,3 @@ def _model_of(method: str, path: str, body: bytes, content_type: str) -> str | N
     if model is not None and not isinstance(model, str):
         raise ClientError("'model' must be a string")
     return model
-
-
