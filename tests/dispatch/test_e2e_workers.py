@@ -65,11 +65,18 @@ def test_six_cards_real_workers_through_the_guard(
     log = tmp_path / "guard.log"
     with guard_process(["--config", str(config)], log, port=free_port()) as guard_url:
         board.env["HERMES_BIN"] = str(board.hermes)  # real workers this time
-        settings = [(p, k, v) for p, key in PROFILES.items() for k, v in (
-            ("model.provider", "custom"), ("model.base_url", f"{guard_url}/v1"), ("model.api_key", key),
-            ("model.default", "sim"))]
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda s: board.cli("-p", s[0], "config", "set", s[1], s[2]), settings))
+        def configure(profile: str, key: str) -> None:
+            # one profile's settings one after another: `config set` rewrites the whole config.yaml, so two
+            # concurrent sets on one profile lose a write (seen: base_url lost, workers fell back to OpenRouter)
+            for name, value in (("model.provider", "custom"), ("model.base_url", f"{guard_url}/v1"),
+                                ("model.api_key", key), ("model.default", "sim")):
+                board.cli("-p", profile, "config", "set", name, value)
+
+        with ThreadPoolExecutor(len(PROFILES)) as pool:
+            list(pool.map(lambda item: configure(*item), PROFILES.items()))
+        for profile, key in PROFILES.items():
+            text = (board.home / "profiles" / profile / "config.yaml").read_text()
+            assert f"{guard_url}/v1" in text and key in text, text
         ids = board.create(["worker1", "worker2"] * 3, priorities=[6, 5, 4, 3, 2, 1])
         started = time.monotonic()
         runs: list[list[dict[str, object]]] = []
