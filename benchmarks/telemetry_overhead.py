@@ -11,7 +11,12 @@ One run starts, on 127.0.0.1:
 
 Each round measures direct, off and on, in turn, with one client sending requests back to back (the same
 latency phase as ``overhead.py``), non-streamed and streamed; figures are medians over the rounds. The guards
-are pinned to ``--proxy-cpu``, the sim, the sink and this load generator to ``--client-cpu``.
+are pinned to ``--proxy-cpu``, the sim, the sink and this load generator to ``--client-cpu``. The guards'
+CPU time per request (all threads, the exporter's included) is read from /proc around each phase.
+
+Then, in this process (``--micro``), the three telemetry calls of one request, off vs on, interleaved: the
+time spent before the response, after it, and the process CPU including the exporter thread. On a shared
+machine, where end-to-end latency is noisy, this is the steadier figure.
 
 Usage: ``.venv/bin/python benchmarks/telemetry_overhead.py [--rounds 5] [--requests 3000]``
 """
@@ -22,11 +27,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -170,6 +177,69 @@ def report(
     return table(["request", "path", "p50 ms", "p99 ms", "guard CPU us/request"], rows), verdicts
 
 
+def micro(sink_port: int, count: int) -> list[str]:
+    """In this process, the three telemetry calls of a request, tracing off vs on (to the sink), interleaved.
+
+    Wall time in the loop = what the request path pays; process CPU after a flush = that plus the exporter
+    thread's encoding. Robust where a shared machine makes end-to-end latency noisy.
+    """
+    from gateway_guard.errors import Outcome
+    from gateway_guard.settings import parse_settings
+    from gateway_guard.telemetry import RequestRecord, Telemetry
+
+    settings = parse_settings({"upstreams": {"default": {"url": "http://127.0.0.1:9"}}})
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OTEL_")}
+    off = Telemetry.from_settings(settings, {}, {})
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{HOST}:{sink_port}"
+    on = Telemetry.from_settings(settings, {}, {})
+    del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    os.environ.update(saved)
+    assert off.tracing is None and on.tracing is not None
+    headers = [(b"host", b"guard"), (b"content-type", b"application/json"), (b"authorization", b"Bearer k")]
+    upstream = [("content-type", "application/json"), ("accept", "*/*")]
+    logging_level = logging.getLogger("gateway_guard.access").level
+    logging.getLogger("gateway_guard.access").setLevel(logging.WARNING)  # the access line is not tracing
+
+    def one(telemetry: Telemetry) -> tuple[float, float]:
+        record = RequestRecord(method="POST", path="/v1/chat/completions")
+        t0 = time.perf_counter()
+        telemetry.request_started(record, headers)
+        record.lane, record.profile, record.upstream, record.model = "batch", "worker", "default", "sim"
+        record.queue_entered = time.perf_counter()
+        record.queue_wait, record.outcome = 0.0, Outcome.ADMITTED
+        t1 = record.upstream_started = time.perf_counter()
+        telemetry.upstream_headers(record, upstream)
+        t2 = time.perf_counter()
+        record.status, record.streamed, record.ttfb = 200, True, 0.00005
+        record.prompt_tokens, record.completion_tokens = 12, 8
+        record.duration = time.perf_counter() - record.started + 0.0001
+        t3 = time.perf_counter()
+        telemetry.request_finished(record)
+        return (t1 - t0) + (time.perf_counter() - t2), time.perf_counter() - t3
+
+    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    cpu = {"off": 0.0, "on": 0.0}
+    for _ in range(count // 100):
+        for name, telemetry in (("off", off), ("on", on)):
+            c0 = time.process_time()
+            results[name] += [one(telemetry) for _ in range(100)]
+            if name == "on":
+                assert on.tracing is not None
+                on.tracing.force_flush()  # the exporter's encoding and POST, counted in this process's CPU
+            cpu[name] += time.process_time() - c0
+    asyncio.run(on.aclose())
+    logging.getLogger("gateway_guard.access").setLevel(logging_level)
+    lines = []
+    for name in ("off", "on"):
+        before = median([b for b, _ in results[name]]) * 1e6
+        after = median([a for _, a in results[name]]) * 1e6
+        lines.append(
+            f"in-process, tracing {name:3}: before the response {before:6.1f} us, after it {after:6.1f} us (medians);"
+            f" process CPU {cpu[name] / len(results[name]) * 1e6:6.1f} us/request (exporter included)"
+        )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="rounds per mode; figures are medians (default 5)")
@@ -178,6 +248,7 @@ def main() -> int:
     parser.add_argument("--proxy-cpu", default="0", help="CPU list for the guards ('' = no pinning)")
     parser.add_argument("--client-cpu", default="1", help="CPU list for the sim, the sink and this load generator")
     parser.add_argument("--guard-log-level", default=None, help="the guards' --log-level (default: their own, info)")
+    parser.add_argument("--micro", type=int, default=20000, help="requests of the in-process part (0 = skip)")
     parser.add_argument("--sink-port", type=int, default=None, help=argparse.SUPPRESS)  # run as the OTLP sink
     args = parser.parse_args()
     if args.sink_port is not None:
@@ -213,6 +284,7 @@ def main() -> int:
         print(f"measuring direct, tracing off, tracing on: {args.rounds} rounds x {args.requests} requests, 1 client")
         results, cpu = asyncio.run(run_rounds(targets, pids, args))
         before_exit = sink_counts(sink_port)
+        micro_lines = micro(sink_port, args.micro) if args.micro else []
 
     text, verdicts = report(results, cpu)
     print()
@@ -221,6 +293,8 @@ def main() -> int:
     for line in verdicts:
         print(line)
     print(f"the sink received {before_exit['spans']} spans in {before_exit['posts']} OTLP posts from the 'on' guard")
+    for line in micro_lines:
+        print(line)
     return 0
 
 

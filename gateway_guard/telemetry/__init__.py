@@ -8,7 +8,6 @@ path: success, rejection, upstream failure, client gone). ``/metrics`` is ``awai
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -54,12 +53,10 @@ class Telemetry:
         settings: Settings,
         gates: Mapping[str, AdmissionGate],
         upstreams: Mapping[str, Upstream],
-        *,
-        environ: Mapping[str, str] | None = None,
     ) -> Telemetry:
         """Tracing follows the ``OTEL_*`` environment (``otel_env.tracing_from_env``); off by default."""
         urls = {name: up.url for name, up in settings.upstreams.items()}
-        tracing = tracing_from_env(os.environ if environ is None else environ, urls)
+        tracing = tracing_from_env(urls)
         return cls(
             log_json=settings.server.log_json,
             gates=gates,

@@ -6,7 +6,8 @@ upstream latency and time-to-first-token histograms, and token counters per prof
 Read at scrape time, so there is no second set of books to drift: the gates' own snapshots
 (``gateway_guard_in_flight``, ``_queued``, ``_limit``, ...) and, where the upstream exposes them on its
 ``/metrics``, its own saturation gauges (llama.cpp ``llamacpp:requests_processing`` / ``requests_deferred``,
-vLLM ``vllm:num_requests_running`` / ``num_requests_waiting``), read with a short timeout.
+vLLM ``vllm:num_requests_running`` / ``num_requests_waiting`` / KV cache use), read with a timeout of 2 s
+and parsed by ``upstream/probe.py``, the adaptive limit's probe.
 
 Label values stay few: upstreams and lanes come from the config, outcomes from ``Outcome``; profiles are the
 configured ones plus the first ``MAX_EXTRA_PROFILES`` others seen (a client may name any profile in a path or
@@ -21,28 +22,35 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gateway_guard.admission.gate import AdmissionGate
 from gateway_guard.errors import GuardError
 from gateway_guard.telemetry.record import RequestRecord
 from gateway_guard.upstream.client import Upstream
+from gateway_guard.upstream.probe import saturation_from_metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NONE = "none"
 OTHER = "other"
 MAX_EXTRA_PROFILES = 32
-UPSTREAM_METRICS_TIMEOUT = 0.5
+UPSTREAM_METRICS_TIMEOUT = 2.0  # a busy llama.cpp answers /metrics late (docs/limits.md); Prometheus waits 10 s
 
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-# The upstream's own gauges, by server: ours <- theirs (summed over their label sets).
-UPSTREAM_GAUGES: dict[str, tuple[str, ...]] = {
-    "requests_processing": ("llamacpp:requests_processing", "vllm:num_requests_running"),
-    "requests_deferred": ("llamacpp:requests_deferred", "vllm:num_requests_waiting"),
+# The upstream's own gauges (``upstream/probe.py`` reads llama.cpp's and vLLM's names): ours <- its field.
+UPSTREAM_GAUGES: dict[str, tuple[str, str]] = {
+    "requests_processing": (
+        "running",
+        "requests it is running (llamacpp:requests_processing, vllm:num_requests_running)",
+    ),
+    "requests_deferred": (
+        "waiting",
+        "requests it holds without running (llamacpp:requests_deferred, vllm:num_requests_waiting)",
+    ),
+    "kv_cache_usage_ratio": ("kv_cache_usage", "KV cache in use, 0..1 (vllm:kv_cache_usage_perc)"),
 }
 
 
@@ -225,11 +233,9 @@ class UpstreamSaturationCollector(Collector):
         )
         gauges = {
             ours: GaugeMetricFamily(
-                f"gateway_guard_upstream_{ours}",
-                f"The upstream's own view ({' / '.join(theirs)}), read at scrape time",
-                labels=["upstream"],
+                f"gateway_guard_upstream_{ours}", f"The upstream's own view: {doc}", labels=["upstream"]
             )
-            for ours, theirs in UPSTREAM_GAUGES.items()
+            for ours, (_, doc) in UPSTREAM_GAUGES.items()
         }
         for name, reading in self._readings.items():
             up.add_metric([name], 0 if reading is None else 1)
@@ -253,14 +259,9 @@ async def read_upstream_saturation(
 
 
 def parse_saturation(text: str) -> dict[str, float] | None:
-    wanted = {theirs: ours for ours, names in UPSTREAM_GAUGES.items() for theirs in names}
-    found: dict[str, float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                ours = wanted.get(sample.name)
-                if ours is not None:
-                    found[ours] = found.get(ours, 0.0) + sample.value
-    except ValueError:  # not Prometheus text after all
+    """llama.cpp's or vLLM's gauges in Prometheus text (parsed by the adaptive limit's probe); None if neither."""
+    sat = saturation_from_metrics(text)
+    if sat is None:
         return None
-    return found
+    readings = {ours: getattr(sat, field) for ours, (field, _) in UPSTREAM_GAUGES.items()}
+    return {ours: float(value) for ours, value in readings.items() if value is not None}

@@ -41,11 +41,12 @@ def tracing_wanted(environ: Mapping[str, str]) -> list[str]:
     return names
 
 
-def tracing_from_env(
-    environ: Mapping[str, str] | None = None, upstream_urls: Mapping[str, str] | None = None
-) -> Tracing | None:
-    """``Tracing`` with a batch exporter per name in ``OTEL_TRACES_EXPORTER``, or None (tracing off)."""
-    env = os.environ if environ is None else environ
+def tracing_from_env(upstream_urls: Mapping[str, str] | None = None) -> Tracing | None:
+    """``Tracing`` with a batch exporter per name in ``OTEL_TRACES_EXPORTER``, or None (tracing off).
+
+    Reads ``os.environ``, as the SDK's exporter, sampler and resource do (one environment for all of them).
+    """
+    env = os.environ
     names = tracing_wanted(env)
     if not names:
         return None

@@ -130,9 +130,14 @@ def test_upstream_saturation_is_read_from_llamacpp_and_vllm_names() -> None:
         "# TYPE vllm:num_requests_running gauge\n"
         'vllm:num_requests_running{model_name="a"} 2\nvllm:num_requests_running{model_name="b"} 1\n'
         '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="a"} 7\n'
+        'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n'
     )
-    assert parse_saturation(vllm) == {"requests_processing": 3.0, "requests_deferred": 7.0}
-    assert parse_saturation("{not prometheus") is None
+    assert parse_saturation(vllm) == {
+        "requests_processing": 3.0,
+        "requests_deferred": 7.0,
+        "kv_cache_usage_ratio": 0.25,
+    }
+    assert parse_saturation("# an exporter of something else\nprocess_cpu_seconds_total 12\n") is None
 
 
 def test_profile_labels_stay_few_whatever_clients_send() -> None:
