@@ -1,0 +1,363 @@
+"""A small keep-alive HTTP/1.1 client for plain-http upstreams: an asyncio Protocol per connection, responses
+parsed by httptools (C), a LIFO pool of idle connections per upstream. Raises only the guard's own errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import cast
+from urllib.parse import quote
+
+import httptools
+
+from gateway_guard.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+IDLE_EXPIRY = 2.0  # servers close idle keep-alive connections (llama.cpp's cpp-httplib after 5 s); ours sooner
+MAX_IDLE = 64
+HIGH_WATER = 64 * 1024  # bytes read ahead of the consumer before the socket is paused
+LOW_WATER = 16 * 1024
+_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f#]")
+
+
+# The wording of upstream/errors.py (map_httpx_errors), for errors that never pass through httpx.
+def connect_timeout_error(upstream: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"upstream {upstream!r} did not accept the connection in time")
+
+
+def connect_error(upstream: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"upstream {upstream!r} is unreachable (connection refused or no route)")
+
+
+def read_timeout_error(upstream: str, read_timeout: float) -> UpstreamTimeout:
+    return UpstreamTimeout(f"upstream {upstream!r} sent nothing for {read_timeout:g}s (timed out)")
+
+
+def closed_error(upstream: str) -> UpstreamError:
+    return UpstreamError(f"upstream {upstream!r} closed the connection before the response was complete")
+
+
+def reset_error(upstream: str) -> UpstreamError:
+    return UpstreamError(f"upstream {upstream!r} connection failed while transferring (reset)")
+
+
+def protocol_error(upstream: str) -> UpstreamError:
+    return UpstreamError(f"upstream {upstream!r} transport error: RemoteProtocolError")
+
+
+class _Closed(Exception):
+    """The connection ended (``reset`` when by an error) before the response was complete."""
+
+    def __init__(self, reset: bool) -> None:
+        self.reset = reset
+
+
+class _BadResponse(Exception):
+    pass
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection; carries one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._lost_reset = False
+        self._active = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self.idle_since = 0.0
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self.got_bytes = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.status = 0
+        self.keep_alive = False
+        self.complete = False
+        self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.error: Exception | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is transport:
+            return
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not a TCP socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._active or self.complete:  # bytes nobody asked for: the connection cannot be trusted
+            self.error = _BadResponse()
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.error = _BadResponse()
+            self.close()
+        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if exc is not None:
+            self._lost_reset = True
+        if self._active and not self.complete and self.error is None:
+            self.error = _Closed(reset=exc is not None)
+        self._wake()
+
+    # -- httptools callbacks ---------------------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # interim response: the real one follows
+            self.headers = []
+            return
+        self.status = status
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if not self.headers_done:
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        self.complete = True
+
+    # -- used by the client ----------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until something new happened (bytes, end, error); TimeoutError after ``timeout`` s of silence."""
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        handle = self._loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    def start(self, data: bytes) -> None:
+        self._reset_message()
+        self._active = True
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def take(self) -> bytes:
+        chunk = self.body.popleft()
+        self.buffered -= len(chunk)
+        if self._paused and self.buffered < LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def finish(self) -> None:
+        self._active = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class H1Response:
+    """Status and headers have arrived; the body is read by ``chunks()``."""
+
+    __slots__ = ("_client", "_conn", "_no_body", "_read_timeout", "raw_headers", "status")
+
+    def __init__(self, client: H1Client, conn: _Connection, read_timeout: float, no_body: bool) -> None:
+        self._client = client
+        self._conn: _Connection | None = conn
+        self._read_timeout = read_timeout
+        self._no_body = no_body
+        self.status = conn.status
+        self.raw_headers = conn.headers
+
+    @property
+    def content_type(self) -> str:
+        for name, value in self.raw_headers:
+            if name.lower() == b"content-type":
+                return value.decode("latin-1")
+        return ""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive, transfer framing removed."""
+        conn = self._conn
+        if conn is None or self._no_body:
+            return
+        name = self._client.name
+        while True:
+            if conn.body:
+                yield conn.take()
+            elif conn.complete:
+                return
+            elif conn.error is not None:
+                raise _mapped(name, conn.error)
+            else:
+                try:
+                    await conn.wait(self._read_timeout)
+                except TimeoutError:
+                    raise read_timeout_error(name, self._read_timeout) from None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.finish()
+        if conn.complete and conn.keep_alive and not conn.body and not conn.closed and not self._no_body:
+            self._client.release(conn)
+        else:  # unfinished: closing the socket tells the server to stop (and free its slot)
+            conn.close()
+
+
+def _mapped(upstream: str, error: Exception) -> UpstreamError:
+    if isinstance(error, _Closed):
+        return reset_error(upstream) if error.reset else closed_error(upstream)
+    return protocol_error(upstream)
+
+
+class H1Client:
+    """Requests to one ``http://host:port`` upstream over pooled keep-alive connections."""
+
+    def __init__(self, name: str, host: str, port: int, host_header: str, connect_timeout: float) -> None:
+        self.name = name
+        self._host = host
+        self._port = port
+        self._host_line = f"host: {host_header}\r\n"
+        self._connect_timeout = connect_timeout
+        self._idle: deque[_Connection] = deque()
+
+    async def _connect(self, timeout: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = _Connection(loop)
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_connection(lambda: conn, self._host, self._port)
+        except TimeoutError:
+            raise connect_timeout_error(self.name) from None
+        except OSError:
+            raise connect_error(self.name) from None
+        if conn.transport is None:  # uvloop may call connection_made only after create_connection returned
+            conn.connection_made(transport)
+        return conn
+
+    def _checkout(self) -> _Connection | None:
+        idle = self._idle
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()  # LIFO: the most recently used is the least likely to have been dropped
+            if conn.closed or now - conn.idle_since > IDLE_EXPIRY:
+                conn.close()
+                # the rest are older still
+                while idle:
+                    idle.pop().close()
+                return None
+            return conn
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        now = time.monotonic()
+        conn.idle_since = now
+        idle = self._idle
+        while idle and (now - idle[0].idle_since > IDLE_EXPIRY or idle[0].closed):
+            idle.popleft().close()
+        if len(idle) >= MAX_IDLE:
+            idle.popleft().close()
+        idle.append(conn)
+
+    def _head(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+        if not target.isascii() or _UNSAFE_TARGET.search(target):  # never a broken request line
+            target = quote(target, safe="/%?&=:@!$'()*+,;-._~")
+        lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line]
+        for name, value in headers:
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+                raise UpstreamError(f"upstream {self.name!r} transport error: invalid header {name!r}")
+            lines.append(f"{name}: {value}\r\n")
+        if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            lines.append(f"content-length: {len(body)}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        read_timeout: float,
+        connect_timeout: float | None = None,
+    ) -> H1Response:
+        """Send and return once the status line and headers have arrived."""
+        try:
+            data = self._head(method, target, headers, body) + body
+        except UnicodeEncodeError:
+            raise UpstreamError(f"upstream {self.name!r} transport error: header not latin-1") from None
+        for attempt in (1, 2):
+            conn = self._checkout() if attempt == 1 else None  # the retry goes on a fresh connection
+            if conn is None:
+                conn = await self._connect(self._connect_timeout if connect_timeout is None else connect_timeout)
+            try:
+                conn.start(data)
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(read_timeout)
+            except _Closed as exc:
+                conn.close()
+                if attempt == 1 and not conn.got_bytes:
+                    # Closed before a single byte of the response: most likely a keep-alive connection the server
+                    # had just dropped. Nothing was generated; try once more on a fresh connection.
+                    continue
+                raise _mapped(self.name, exc) from None
+            except TimeoutError:
+                conn.close()
+                raise read_timeout_error(self.name, read_timeout) from None
+            except _BadResponse:
+                conn.close()
+                raise protocol_error(self.name) from None
+            except BaseException:  # cancelled: the request may be running upstream; closing stops it
+                conn.close()
+                raise
+            return H1Response(self, conn, read_timeout, method == "HEAD")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
