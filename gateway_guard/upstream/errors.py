@@ -10,20 +10,46 @@ import httpx
 from gateway_guard.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 
+# One wording for both clients (httpx's errors mapped below, and upstream/h1.py's own).
+def connect_timeout_error(upstream: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"upstream {upstream!r} did not accept the connection in time")
+
+
+def connect_error(upstream: str) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"upstream {upstream!r} is unreachable (connection refused or no route)")
+
+
+def read_timeout_error(upstream: str, read_timeout: float) -> UpstreamTimeout:
+    return UpstreamTimeout(f"upstream {upstream!r} sent nothing for {read_timeout:g}s (timed out)")
+
+
+def closed_error(upstream: str) -> UpstreamError:
+    return UpstreamError(f"upstream {upstream!r} closed the connection before the response was complete")
+
+
+def reset_error(upstream: str) -> UpstreamError:
+    return UpstreamError(f"upstream {upstream!r} connection failed while transferring (reset)")
+
+
+def protocol_error(upstream: str) -> UpstreamError:
+    return UpstreamError(f"upstream {upstream!r} transport error: RemoteProtocolError")
+
+
+
 @contextmanager
 def map_httpx_errors(upstream: str, read_timeout: float) -> Iterator[None]:
     """Never shows the upstream's URL with credentials, nor any header: only the upstream's name."""
     try:
         yield
     except httpx.ConnectTimeout:
-        raise UpstreamUnavailable(f"upstream {upstream!r} did not accept the connection in time") from None
+        raise connect_timeout_error(upstream) from None
     except httpx.ConnectError:
-        raise UpstreamUnavailable(f"upstream {upstream!r} is unreachable (connection refused or no route)") from None
+        raise connect_error(upstream) from None
     except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
-        raise UpstreamTimeout(f"upstream {upstream!r} sent nothing for {read_timeout:g}s (timed out)") from None
+        raise read_timeout_error(upstream, read_timeout) from None
     except httpx.RemoteProtocolError:
-        raise UpstreamError(f"upstream {upstream!r} closed the connection before the response was complete") from None
+        raise closed_error(upstream) from None
     except (httpx.ReadError, httpx.WriteError):
-        raise UpstreamError(f"upstream {upstream!r} connection failed while transferring (reset)") from None
+        raise reset_error(upstream) from None
     except httpx.TransportError as exc:
         raise UpstreamError(f"upstream {upstream!r} transport error: {type(exc).__name__}") from None

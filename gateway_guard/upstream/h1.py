@@ -15,38 +15,21 @@ from urllib.parse import quote
 
 import httptools
 
-from gateway_guard.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway_guard.errors import UpstreamError
+from gateway_guard.upstream.errors import (
+    closed_error,
+    connect_error,
+    connect_timeout_error,
+    protocol_error,
+    read_timeout_error,
+    reset_error,
+)
 
 IDLE_EXPIRY = 2.0  # servers close idle keep-alive connections (llama.cpp's cpp-httplib after 5 s); ours sooner
 MAX_IDLE = 64
 HIGH_WATER = 64 * 1024  # bytes read ahead of the consumer before the socket is paused
 LOW_WATER = 16 * 1024
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f#]")
-
-
-# The wording of upstream/errors.py (map_httpx_errors), for errors that never pass through httpx.
-def connect_timeout_error(upstream: str) -> UpstreamUnavailable:
-    return UpstreamUnavailable(f"upstream {upstream!r} did not accept the connection in time")
-
-
-def connect_error(upstream: str) -> UpstreamUnavailable:
-    return UpstreamUnavailable(f"upstream {upstream!r} is unreachable (connection refused or no route)")
-
-
-def read_timeout_error(upstream: str, read_timeout: float) -> UpstreamTimeout:
-    return UpstreamTimeout(f"upstream {upstream!r} sent nothing for {read_timeout:g}s (timed out)")
-
-
-def closed_error(upstream: str) -> UpstreamError:
-    return UpstreamError(f"upstream {upstream!r} closed the connection before the response was complete")
-
-
-def reset_error(upstream: str) -> UpstreamError:
-    return UpstreamError(f"upstream {upstream!r} connection failed while transferring (reset)")
-
-
-def protocol_error(upstream: str) -> UpstreamError:
-    return UpstreamError(f"upstream {upstream!r} transport error: RemoteProtocolError")
 
 
 class _Closed(Exception):
