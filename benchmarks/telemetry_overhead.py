@@ -56,6 +56,7 @@ from _common import (
 from overhead import Target, chat_body, latency_phase
 
 TARGET_ADDED_P50_MS = 0.2
+MODES = {"both": (False, True), "json": (False,), "stream": (True,)}
 
 
 # -- the sink ------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ async def run_rounds(
 ) -> tuple[dict[tuple[str, bool], list[list[float]]], dict[tuple[str, bool], list[float]]]:
     results: dict[tuple[str, bool], list[list[float]]] = {}
     cpu: dict[tuple[str, bool], list[float]] = {}
-    for stream in (False, True):
+    for stream in MODES[args.mode]:
         for r in range(args.rounds):
             for target in targets:
                 request = raw_post(HOST, target.port, "/v1/chat/completions", chat_body(stream), target.headers)
@@ -155,7 +156,7 @@ def report(
     results: dict[tuple[str, bool], list[list[float]]], cpu: dict[tuple[str, bool], list[float]]
 ) -> tuple[str, list[str]]:
     rows, verdicts = [], []
-    for stream in (False, True):
+    for stream in sorted({stream for _, stream in results}):
         mode = "streamed" if stream else "non-streamed"
         p50 = {name: [percentile(s, 50) * 1000 for s in results[(name, stream)]] for name in ("direct", "off", "on")}
         p99 = {name: [percentile(s, 99) * 1000 for s in results[(name, stream)]] for name in ("direct", "off", "on")}
@@ -248,6 +249,10 @@ def main() -> int:
     parser.add_argument("--proxy-cpu", default="0", help="CPU list for the guards ('' = no pinning)")
     parser.add_argument("--client-cpu", default="1", help="CPU list for the sim, the sink and this load generator")
     parser.add_argument("--guard-log-level", default=None, help="the guards' --log-level (default: their own, info)")
+    parser.add_argument(
+        "--sample", type=float, default=None, help="trace this fraction of requests (parentbased_traceidratio)"
+    )
+    parser.add_argument("--mode", choices=list(MODES), default="both", help="non-streamed, streamed or both")
     parser.add_argument("--micro", type=int, default=20000, help="requests of the in-process part (0 = skip)")
     parser.add_argument("--sink-port", type=int, default=None, help=argparse.SUPPRESS)  # run as the OTLP sink
     args = parser.parse_args()
@@ -266,6 +271,8 @@ def main() -> int:
     sim_port, sink_port, off_port, on_port = free_port(), free_port(), free_port(), free_port()
     extra = ["--log-level", args.guard_log_level] if args.guard_log_level else []
     tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{sink_port}", "OTEL_TRACES_EXPORTER": "otlp"}
+    if args.sample is not None:
+        tracing_env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(args.sample)}
     no_tracing = {"OTEL_TRACES_EXPORTER": "none"}
     with contextlib.ExitStack() as stack:
         sim = stack.enter_context(
