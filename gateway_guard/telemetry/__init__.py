@@ -8,7 +8,7 @@ path: success, rejection, upstream failure, client gone). ``/metrics`` is ``awai
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from gateway_guard.admission.gate import AdmissionGate
@@ -46,6 +46,7 @@ class Telemetry:
         self._log_json = log_json
         self.metrics_registry = GuardMetrics(gates or {}, upstreams or {}, profiles)
         self.tracing = tracing
+        self.on_finished: list[Callable[[RequestRecord], None]] = []  # e.g. the status page's history
 
     @classmethod
     def from_settings(
@@ -83,6 +84,8 @@ class Telemetry:
             self.tracing.finish(record)
         self.metrics_registry.observe(record)
         log_access(record, as_json=self._log_json)
+        for hook in self.on_finished:
+            hook(record)
 
     async def metrics(self) -> bytes:
         """Prometheus text exposition (content type ``METRICS_CONTENT_TYPE``)."""
