@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,24 +182,19 @@ class History:
 async def sample_forever(
     history: History,
     read_capacity: Callable[[], Mapping[str, Any]],
-    probe: Callable[[], Awaitable[Mapping[str, tuple[bool, str]]]],
+    read_states: Callable[[], Mapping[str, tuple[bool, str]]],
     clock: Callable[[], float],
     *,
     every: float = 1.0,
-    probe_every: float = 5.0,
 ) -> None:
-    """The guard's sampler: a capacity sample every ``every`` s, a readiness probe every ``probe_every`` s."""
-    next_probe = 0.0
+    """The guard's sampler: every ``every`` s, the capacity view and each upstream's last readiness reading
+    (what the probers already saw: nothing here calls an upstream)."""
     while True:
         now = clock()
         try:
             history.sample(read_capacity(), now)
-            if now >= next_probe:
-                next_probe = now + probe_every
-                for name, (ok, detail) in (await probe()).items():
-                    history.set_state(name, ok, detail, clock())
-        except asyncio.CancelledError:
-            raise
+            for name, (ok, detail) in read_states().items():
+                history.set_state(name, ok, detail, now)
         except Exception:  # the page's history must never take the guard down
             log.exception("status history sampler failed; trying again")
         await asyncio.sleep(every)

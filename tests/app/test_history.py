@@ -144,11 +144,11 @@ def test_a_day_of_fake_time_keeps_memory_flat() -> None:
     assert len(json.dumps(payload)) < 64 * 1024
 
 
-async def test_the_sampler_samples_and_probes_on_its_clock() -> None:
+async def test_the_sampler_samples_and_reads_states_on_its_clock() -> None:
     """``sample_forever`` with a fake clock; stopped by cancellation after a few steps (no sleeping on time)."""
     h = History(resolution=1)
     now = [T0]
-    steps = []
+    steps: list[float] = []
 
     def read() -> Mapping[str, Any]:
         steps.append(now[0])
@@ -156,14 +156,14 @@ async def test_the_sampler_samples_and_probes_on_its_clock() -> None:
             raise RuntimeError("a failing read is logged, not fatal")
         return capacity(len(steps))
 
-    async def probe() -> Mapping[str, tuple[bool, str]]:
-        return {"gpu": (len(steps) < 3, f"probe at step {len(steps)}")}
+    def states() -> Mapping[str, tuple[bool, str]]:
+        return {"gpu": (len(steps) < 3, f"reading at step {len(steps)}")}
 
     def clock() -> float:
         now[0] += 1
         return now[0]
 
-    task = asyncio.create_task(sample_forever(h, read, probe, clock, every=0, probe_every=2))
+    task = asyncio.create_task(sample_forever(h, read, states, clock, every=0))
     while len(steps) < 6:
         await asyncio.sleep(0)
     task.cancel()
@@ -171,4 +171,5 @@ async def test_the_sampler_samples_and_probes_on_its_clock() -> None:
         await task
     d = h.as_dict(now[0])["upstreams"]["gpu"]
     assert [p[1] for p in d["points"]][:3] == [1, 2, 3]
-    assert d["state"] == "down" and d["detail"].startswith("probe at step")
+    assert (d["state"], d["since"]) == ("down", T0 + 3)
+    assert d["detail"].startswith("reading at step")

@@ -1,0 +1,389 @@
+"""The status page: ``GET /guard/`` (and ``/guard/status``), ``GET /guard/history``, and the page's own JS/CSS.
+
+The HTML is a server-rendered snapshot, readable without JavaScript; ``static/page.js`` draws the same markup
+again from ``/guard/capacity`` (pushed by ``/guard/events`` when it answers, else polled once a second) and
+``/guard/history``. Every number on the page is one of those JSON documents' values: each carries its path in
+``data-k`` (``["c", ...]`` for capacity, ``["h", ...]`` for history), which is how the tests compare them.
+
+Nothing secret is shown (no key, no upstream URL); the page only reads. ``access``: ``"open"`` (as
+``/guard/capacity``), ``"token"`` (the admin token as ``Authorization: Bearer``, ``X-Guard-Admin-Token``, or a
+browser's Basic auth password), ``"off"`` (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Mapping
+from html import escape
+from importlib import resources
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from gateway_guard.app.asgi import is_admin
+from gateway_guard.app.endpoints import capacity_payload
+from gateway_guard.app.history import History, sample_forever
+from gateway_guard.app.state import GuardState
+
+ACCESS_MODES = ("open", "token", "off")
+STATUS_PAGE_DEFAULT = "open"  # settings key wanted: server.status_page = "open" | "token" | "off"
+STATIC_FILES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = {
+    # The page loads nothing from anywhere else, and says so to the browser.
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+CHART_W, CHART_H = 360, 100
+
+Path = list[str]
+
+
+class StatusPage:
+    def __init__(
+        self,
+        history: History,
+        read_capacity: Callable[[], Mapping[str, Any]],
+        read_states: Callable[[], Mapping[str, tuple[bool, str]]],
+        admin_token: Callable[[], str | None],
+        *,
+        access: str = STATUS_PAGE_DEFAULT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if access not in ACCESS_MODES:
+            raise ValueError(f"status page access must be one of {ACCESS_MODES} (got {access!r})")
+        self.history = history
+        self.access = access
+        self._read_capacity = read_capacity
+        self._read_states = read_states
+        self._admin_token = admin_token
+        self._clock = clock
+        self._sampler: asyncio.Task[None] | None = None
+        root = resources.files("gateway_guard.app") / "static"
+        self._static = {name: (root / name).read_bytes() for name in STATIC_FILES}
+
+    @classmethod
+    def for_state(cls, state: GuardState, *, access: str = STATUS_PAGE_DEFAULT) -> StatusPage:
+        """The page of a running guard: its capacity view, its probers' last readings, every finished request."""
+        history = History()
+        state.telemetry.on_finished.append(lambda record: history.observe(record, time.time()))
+
+        def read_states() -> dict[str, tuple[bool, str]]:  # as GET /guard/ready reads them
+            return {n: (p.last.ready, p.last.detail) for n, p in state.probers.items() if p.last is not None}
+
+        return cls(
+            history,
+            lambda: capacity_payload(state.gates),
+            read_states,
+            lambda: state.settings.server.admin_token,
+            access=access,
+        )
+
+    def start(self) -> None:
+        """Start sampling into the history (in the running loop; the guard's lifespan calls it)."""
+        if self._sampler is None and self.access != "off":
+            self._sampler = asyncio.create_task(
+                sample_forever(self.history, self._read_capacity, self._read_states, self._clock)
+            )
+
+    async def aclose(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/guard", self.to_page, methods=["GET"]),
+            Route("/guard/", self.page, methods=["GET"]),
+            Route("/guard/status", self.page, methods=["GET"]),
+            Route("/guard/history", self.history_json, methods=["GET"]),
+            Route("/guard/static/{name}", self.static, methods=["GET"]),
+        ]
+
+    def _refused(self, request: Request) -> Response | None:
+        if self.access == "off":
+            return _error(404, "not_found", "the status page is off (server.status_page)")
+        if self.access == "open":
+            return None
+        token = self._admin_token()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if token and (is_admin(token, headers) or _basic_password_is(token, headers.get("authorization", ""))):
+            return None
+        response = _error(401, "unauthorized", "the status page needs the admin token (server.admin_token)")
+        response.headers["www-authenticate"] = 'Basic realm="gateway_guard status", charset="UTF-8"'
+        return response
+
+    async def to_page(self, request: Request) -> Response:
+        return RedirectResponse(request.scope.get("root_path", "") + "/guard/", status_code=308)
+
+    async def page(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        now = self._clock()
+        body = render_page(self._read_capacity(), self.history.as_dict(now))
+        return Response(body, media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+
+    async def history_json(self, request: Request) -> Response:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        return JSONResponse(self.history.as_dict(self._clock()), headers={"cache-control": "no-store"})
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in self._static or self.access == "off":
+            return _error(404, "not_found", f"no static file {name!r}")
+        return Response(self._static[name], media_type=STATIC_FILES[name], headers=SECURITY_HEADERS)
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _basic_password_is(token: str, authorization: str) -> bool:
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        _, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(password.encode(), token.encode())
+
+
+# -- rendering (static/page.js draws the same markup; keep the two in step) ------------------------------------
+
+
+def _k(path: Path) -> str:
+    return escape(json.dumps(path), quote=True)
+
+
+def _dk(path: Path | None) -> str:
+    return "" if path is None else f' data-k="{_k(path)}"'
+
+
+def fmt(value: Any) -> str:
+    """How a JSON value reads on the page (the browser test compares with this)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def num(path: Path, value: Any) -> str:
+    return f'<b data-k="{_k(path)}">{escape(fmt(value))}</b>'
+
+
+def utc(t: float | None) -> str:
+    if t is None:
+        return "—"
+    return f'<time datetime="{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))}">' + time.strftime(
+        "%H:%M:%S", time.gmtime(t)
+    ) + " UTC</time>"
+
+
+def bar(label: str, in_flight: int, queued: int, limit: int | None, scale: int, cap: int | None = None) -> str:
+    """An SVG meter: in flight (solid) and queued (light) against ``limit``; ``cap..limit`` hatched (headroom)."""
+    scale = max(scale, limit or 0, in_flight + queued, 1)
+
+    def x(v: float) -> str:
+        return f"{100 * v / scale:.2f}"
+
+    name = f"{label} {in_flight} of {fmt(limit)} in flight" + (f", {queued} queued" if queued else "")
+    parts = [f'<rect class="room" x="0" y="0" width="{x(limit or scale)}" height="10"/>']
+    if cap is not None and limit is not None and cap < limit:
+        parts.append(f'<rect class="headroom" x="{x(cap)}" y="0" width="{x(limit - cap)}" height="10"/>')
+    parts.append(f'<rect class="inflight" x="0" y="0" width="{x(in_flight)}" height="10"/>')
+    parts.append(f'<rect class="queued" x="{x(in_flight)}" y="0" width="{x(queued)}" height="10"/>')
+    return (
+        f'<svg class="bar" viewBox="0 0 100 10" preserveAspectRatio="none" role="meter" aria-label="{escape(name)}"'
+        f' aria-valuemin="0" aria-valuemax="{limit or scale}" aria-valuenow="{in_flight}">{"".join(parts)}</svg>'
+    )
+
+
+def upstream_state(
+    name: str, up: Mapping[str, Any], hist: Mapping[str, Any]
+) -> tuple[str, Path | None, Any, Path | None]:
+    """(state, its JSON path, since, since's path): the capacity payload's ``state`` when it has one, else
+    the history's (readiness probes and how requests ended)."""
+    given = up.get("state")
+    if isinstance(given, str):
+        return given, ["c", "upstreams", name, "state"], up.get("since"), ["c", "upstreams", name, "since"]
+    if isinstance(given, Mapping) and isinstance(given.get("state"), str):
+        base = ["c", "upstreams", name, "state"]
+        return given["state"], [*base, "state"], given.get("since"), [*base, "since"]
+    h = hist.get("upstreams", {}).get(name)
+    if h is None:  # not sampled yet
+        return "unknown", None, None, None
+    return h["state"], ["h", "upstreams", name, "state"], h.get("since"), None
+
+
+def chart(name: str, points: list[list[float]], now: float, window: float) -> str:
+    top = max([1.0] + [max(p[3], p[1], p[2]) for p in points])
+
+    def line(i: int) -> str:
+        xy = []
+        for p in points:
+            x = (p[0] - (now - window)) / window * CHART_W
+            xy.append(f"{max(0.0, x):.1f},{CHART_H - p[i] / top * (CHART_H - 4):.1f}")
+        return " ".join(xy)
+
+    lines = "".join(
+        f'<polyline class="{cls}" points="{line(i)}"/>' for i, cls in ((3, "limit"), (2, "queued"), (1, "inflight"))
+    )
+    return (
+        f'<figure class="chart"><svg viewBox="0 0 {CHART_W} {CHART_H}" preserveAspectRatio="none" role="img"'
+        f' aria-label="{escape(name)}: in flight, queued and limit over the last hour">{lines}</svg>'
+        f'<figcaption><span class="key inflight">in flight</span> <span class="key queued">queued</span>'
+        f' <span class="key limit">limit</span> · last hour, top {escape(fmt(top))}</figcaption></figure>'
+    )
+
+
+def _views(title: str, name: str, kind: str, views: Mapping[str, Any], scale: int) -> str:
+    rows = []
+    for key, v in views.items():
+        p = ["c", "upstreams", name, kind, key]
+        label = key if kind == "lanes" else f"profile {key}"
+        rows.append(
+            f'<li><span class="name">{escape(key)}</span>'
+            f"{bar(label, v['in_flight'], v['queued'], v['limit'], scale)}"
+            f'<span class="nums">{num([*p, "in_flight"], v["in_flight"])} of {num([*p, "limit"], v["limit"])}'
+            f" in flight · {num([*p, 'queued'], v['queued'])} queued · {num([*p, 'free'], v['free'])} free</span></li>"
+        )
+    return f'<h3>{title}</h3><ul class="views">{"".join(rows)}</ul>' if rows else ""
+
+
+def render_upstream(name: str, up: Mapping[str, Any], hist: Mapping[str, Any]) -> str:
+    p = ["c", "upstreams", name]
+    state, state_path, since, since_path = upstream_state(name, up, hist)
+    h = hist.get("upstreams", {}).get(name, {})
+    limit = up["limit"]
+    batch = up.get("lanes", {}).get("batch")
+    cap = batch["limit"] if batch and batch.get("limit") is not None else None
+    out = [
+        f'<section class="upstream" data-upstream="{escape(name)}"><h2>{escape(name)} '
+        f'<span class="state {escape(state)}"{_dk(state_path)}>{escape(state)}</span>'
+        f' <small>since {utc(since if isinstance(since, (int, float)) else None)}</small></h2>',
+    ]
+    if h.get("detail") and since_path is None:
+        out.append(f'<p class="detail" data-k="{_k(["h", "upstreams", name, "detail"])}">{escape(h["detail"])}</p>')
+    reason = up.get("limit_reason")
+    out.append(
+        f'<p class="summary">limit {num([*p, "limit"], limit)}'
+        f' (<span data-k="{_k([*p, "limit_reason"])}">{escape(fmt(reason))}</span>)'
+        f' · {num([*p, "in_flight"], up["in_flight"])} in flight · {num([*p, "queued"], up["queued"])} queued'
+        f' · {num([*p, "free"], up["free"])} free</p>'
+    )
+    out.append(bar("all lanes", up["in_flight"], up["queued"], limit, limit, cap))
+    if batch is not None:
+        lp = [*p, "lanes", "batch"]
+        out.append(
+            f'<p class="batch">free batch slots {num([*lp, "free"], batch["free"])}'
+            f" (batch may hold {num([*lp, 'limit'], batch['limit'])} of {num([*p, 'limit'], limit)})</p>"
+        )
+    out.append(_views("lanes", name, "lanes", up.get("lanes", {}), limit))
+    out.append(_views("profiles", name, "profiles", up.get("profiles", {}), limit))
+    if up.get("max_context_tokens") is not None:
+        out.append(
+            f'<p class="tokens">context tokens in flight {num([*p, "tokens_in_flight"], up["tokens_in_flight"])}'
+            f' of {num([*p, "max_context_tokens"], up["max_context_tokens"])}</p>'
+        )
+    out.append(_reserved(p, up.get("reserved")))
+    moves = up.get("limit_history") or []
+    if moves:
+        items = "".join(
+            f"<li>{num([*p, 'limit_history', str(i), 'ago_s'], m['ago_s'])} s ago: limit"
+            f" {num([*p, 'limit_history', str(i), 'limit'], m['limit'])}"
+            f' (<span data-k="{_k([*p, "limit_history", str(i), "reason"])}">{escape(fmt(m["reason"]))}</span>)</li>'
+            for i, m in enumerate(moves)
+        )
+        out.append(f'<h3>limit moves</h3><ul class="moves">{items}</ul>')
+    out.append(chart(name, h.get("points", []), hist.get("now", 0.0), hist.get("window_s", 3600.0)))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _reserved(p: Path, reserved: Any) -> str:
+    if reserved is None:
+        return ""
+    if isinstance(reserved, Mapping):
+        items = "".join(
+            f"<li>{escape(str(k))}: {num([*p, 'reserved', str(k)], v)}</li>"
+            for k, v in reserved.items()
+            if not isinstance(v, (Mapping, list))
+        )
+        return f'<h3>reserved</h3><ul class="reserved">{items}</ul>'
+    return f'<p class="reserved">reserved {num([*p, "reserved"], reserved)}</p>'
+
+
+def render_refusals(hist: Mapping[str, Any]) -> str:
+    rows = []
+    for i, r in enumerate(hist.get("refusals", [])):
+        p = ["h", "refusals", str(i)]
+        cells = "".join(
+            f'<td data-k="{_k([*p, key])}">{escape(fmt(r.get(key)))}</td>'
+            for key in ("status", "lane", "profile", "upstream", "reason")
+        )
+        rows.append(f"<tr><td>{utc(r.get('at'))}</td>{cells}</tr>")
+    if not rows:
+        return '<p class="empty">No refusals since the guard started.</p>'
+    head = "<tr><th>when</th><th>status</th><th>lane</th><th>profile</th><th>upstream</th><th>reason</th></tr>"
+    table = f'<table class="refusals"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<div class="scroll">{table}</div>'
+
+
+def render_tokens(hist: Mapping[str, Any]) -> str:
+    tpm = hist.get("tokens_per_minute", {})
+    if not tpm:
+        return '<p class="empty">No tokens in the last minute.</p>'
+    rows = "".join(
+        f"<tr><td>{escape(k)}</td><td>{num(['h', 'tokens_per_minute', k], v)}</td></tr>" for k, v in tpm.items()
+    )
+    head = "<tr><th>profile</th><th>tokens / min</th></tr>"
+    return f'<table class="tpm"><thead>{head}</thead><tbody>{rows}</tbody></table>'
+
+
+def render_body(cap: Mapping[str, Any], hist: Mapping[str, Any]) -> str:
+    ups = "".join(render_upstream(n, u, hist) for n, u in cap.get("upstreams", {}).items())
+    return (
+        f'<p class="overall">free batch slots overall {num(["c", "free"], cap.get("free"))}'
+        f" · snapshot at {utc(hist.get('now'))}</p>{ups}"
+        f'<section class="recent"><h2>Last refusals</h2>{render_refusals(hist)}</section>'
+        f'<section class="recent"><h2>Tokens per minute</h2>{render_tokens(hist)}</section>'
+    )
+
+
+def render_page(cap: Mapping[str, Any], hist: Mapping[str, Any]) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>gateway_guard status</title>
+<link rel="stylesheet" href="static/page.css">
+<script src="static/page.js" defer></script>
+</head><body>
+<header><h1>gateway_guard</h1><span id="mode" class="mode" role="status">snapshot</span></header>
+<main id="live" aria-live="off">{render_body(cap, hist)}</main>
+<footer>JSON: <a href="capacity">/guard/capacity</a> · <a href="history">/guard/history</a>
+· <a href="ready">/guard/ready</a> · <a href="../metrics">/metrics</a></footer>
+</body></html>
+"""
