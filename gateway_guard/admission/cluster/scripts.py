@@ -1,0 +1,170 @@
+"""The Lua scripts of the shared gate: every change to the lease tables is one atomic script on the Redis server.
+
+Keys of one upstream share the prefix ``gg:{<upstream>}`` (one hash tag, so one slot):
+
+* ``:leases``   sorted set, member ``<replica>|<request>``, score = expiry in ms of the server's ``TIME``: the truth
+* ``:info``     hash, member -> ``<lane>\\n<profile>`` (to keep the indexes right when a lease expires)
+* ``:lane:<l>`` and ``:prof:<p>``  sets of members: per-lane and per-profile indexes of ``:leases``
+* ``:replicas`` sorted set, replica id -> heartbeat expiry (ms): who was alive lately
+* ``:demand``   hash, replica id -> ``<priority>|<enqueued ms>|<lane>|<lane cap>|<expiry ms>``: its best waiter
+* ``:epoch``    set once; missing means a fresh (restarted, empty) server
+* ``:quiet``    for one lease after a fresh start: no new leases, only renewals, so that every replica re-registers
+  what it holds before anyone is granted past it
+
+Only the server's clock is read (``TIME``), never a replica's. A lease whose expiry passed is removed (from the
+indexes too) by whichever script runs next. Release publishes on ``<prefix>:released`` to wake the waiters.
+"""
+
+from __future__ import annotations
+
+OK, FULL, LANE_FULL, PROFILE_FULL, YIELD, QUIET = 1, 0, -1, -2, -3, -4
+
+_COMMON = r"""
+local p = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function boot(now, lease)
+  if redis.call('EXISTS', p .. ':epoch') == 0 then
+    redis.call('SET', p .. ':epoch', now)
+    redis.call('SET', p .. ':quiet', '1', 'PX', lease)
+  end
+  return redis.call('EXISTS', p .. ':quiet')
+end
+local function unindex(member)
+  local info = redis.call('HGET', p .. ':info', member)
+  if info then
+    local lane, profile = string.match(info, '^(.-)\n(.*)$')
+    redis.call('SREM', p .. ':lane:' .. lane, member)
+    redis.call('SREM', p .. ':prof:' .. profile, member)
+    redis.call('HDEL', p .. ':info', member)
+  end
+end
+local function purge(now)
+  local gone = redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now)
+  for _, member in ipairs(gone) do unindex(member) end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':leases', '-inf', now) end
+  redis.call('ZREMRANGEBYSCORE', p .. ':replicas', '-inf', now)
+end
+local function put(member, lane, profile, expiry)
+  redis.call('ZADD', p .. ':leases', expiry, member)
+  redis.call('HSET', p .. ':info', member, lane .. '\n' .. profile)
+  redis.call('SADD', p .. ':lane:' .. lane, member)
+  redis.call('SADD', p .. ':prof:' .. profile, member)
+end
+local function view(code)
+  local out = {code, redis.call('ZCARD', p .. ':leases')}
+  local counts = {}
+  for _, member in ipairs(redis.call('ZRANGE', p .. ':leases', 0, -1)) do
+    local r = string.match(member, '^([^|]*)|')
+    counts[r] = (counts[r] or 0) + 1
+  end
+  for _, r in ipairs(redis.call('ZRANGE', p .. ':replicas', 0, -1)) do
+    if not counts[r] then counts[r] = 0 end
+  end
+  for r, c in pairs(counts) do out[#out + 1] = r; out[#out + 1] = c end
+  return out
+end
+"""
+
+# ARGV: prefix, replica, member, lane, profile, cap, lane_cap, profile_cap (-1: none), lease_ms,
+#       priority, waited_ms, aging_ms, demand_ttl_ms (0: publish no demand when refused)
+# -> {code, leases in total, replica, count, replica, count, ...}
+ACQUIRE = (
+    _COMMON
+    + r"""
+local replica, member, lane, profile = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local cap, lane_cap, profile_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local lease, priority, waited = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local aging, demand_ttl = math.max(1, tonumber(ARGV[12])), tonumber(ARGV[13])
+local now = now_ms()
+local function refuse(code)
+  if demand_ttl > 0 then
+    redis.call('HSET', p .. ':demand', replica,
+      priority .. '|' .. (now - waited) .. '|' .. lane .. '|' .. lane_cap .. '|' .. (now + demand_ttl))
+  end
+  return view(code)
+end
+if boot(now, lease) == 1 then return refuse(-4) end
+purge(now)
+if redis.call('ZSCORE', p .. ':leases', member) then
+  put(member, lane, profile, now + lease)
+  return view(1)
+end
+if redis.call('ZCARD', p .. ':leases') >= cap then return refuse(0) end
+if redis.call('SCARD', p .. ':lane:' .. lane) >= lane_cap then return view(-1) end
+if profile_cap >= 0 and redis.call('SCARD', p .. ':prof:' .. profile) >= profile_cap then return view(-2) end
+local mine = priority - waited / aging
+local demand = redis.call('HGETALL', p .. ':demand')
+for i = 1, #demand, 2 do
+  local other = demand[i]
+  if other ~= replica then
+    local prio, enq, olane, olane_cap, expiry = string.match(demand[i + 1], '^(.-)|(.-)|(.*)|(.-)|(.-)$')
+    if tonumber(expiry) <= now then
+      redis.call('HDEL', p .. ':demand', other)
+    elseif redis.call('SCARD', p .. ':lane:' .. olane) < tonumber(olane_cap)
+        and tonumber(prio) - (now - tonumber(enq)) / aging < mine then
+      return refuse(-3)
+    end
+  end
+end
+put(member, lane, profile, now + lease)
+redis.call('HDEL', p .. ':demand', replica)
+return view(1)
+"""
+)
+
+# ARGV: prefix, channel, member, lane, profile -> 1 if the lease was there, else 0
+RELEASE = (
+    _COMMON
+    + r"""
+local member = ARGV[3]
+unindex(member)
+local removed = redis.call('ZREM', p .. ':leases', member)
+if removed == 1 then redis.call('PUBLISH', ARGV[2], '1') end
+return removed
+"""
+)
+
+# ARGV: prefix, replica, lease_ms, then (member, lane, profile) triples: every lease the replica holds now.
+# Upserts them (a lease that expired or that a restarted server lost is put back: the request still runs) and
+# records the heartbeat. -> {quiet (1/0), leases in total, replica, count, ...}
+RENEW = (
+    _COMMON
+    + r"""
+local replica, lease = ARGV[2], tonumber(ARGV[3])
+local now = now_ms()
+local quiet = boot(now, lease)
+purge(now)
+for i = 4, #ARGV, 3 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + lease) end
+redis.call('ZADD', p .. ':replicas', now + 3 * lease, replica)
+local out = view(quiet)
+return out
+"""
+)
+
+# ARGV: prefix, replica -> its demand is withdrawn (it has nobody waiting)
+CLEAR_DEMAND = r"""
+return redis.call('HDEL', ARGV[1] .. ':demand', ARGV[2])
+"""
+
+# ARGV: prefix, lane names... -> {leases in total, lane, count, ...} after purging; and profile counts
+# returned as a second list: {total, {lane, count, ...}, {profile, count, ...}}
+GLOBAL_VIEW = (
+    _COMMON
+    + r"""
+local now = now_ms()
+purge(now)
+local lanes, profiles = {}, {}
+local seen_lane, seen_prof = {}, {}
+for _, info in ipairs(redis.call('HVALS', p .. ':info')) do
+  local lane, profile = string.match(info, '^(.-)\n(.*)$')
+  seen_lane[lane] = (seen_lane[lane] or 0) + 1
+  seen_prof[profile] = (seen_prof[profile] or 0) + 1
+end
+for k, v in pairs(seen_lane) do lanes[#lanes + 1] = k; lanes[#lanes + 1] = v end
+for k, v in pairs(seen_prof) do profiles[#profiles + 1] = k; profiles[#profiles + 1] = v end
+return {redis.call('ZCARD', p .. ':leases'), lanes, profiles}
+"""
+)

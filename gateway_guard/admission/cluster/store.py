@@ -1,0 +1,132 @@
+"""The lease tables of one upstream in Redis, through the Lua scripts of ``scripts.py`` (redis-py's asyncio client).
+
+Every method is one round trip running one script; a ``redis.exceptions.RedisError`` (connection refused, timeout,
+a server that is loading) is the caller's sign that the shared gate cannot be used now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway_guard.admission.cluster import scripts
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One request's lease: ``member`` is ``<replica>|<request>``."""
+
+    member: str
+    lane: str
+    profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What a script saw: its code, the leases in total and per replica (replicas alive lately with 0 included)."""
+
+    code: int
+    total: int
+    per_replica: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    total: int
+    lanes: Mapping[str, int]
+    profiles: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ask:
+    """One acquire: the request's lease and what decides it (caps, rank for cross-replica ordering)."""
+
+    lease: Lease
+    cap: int
+    lane_cap: int
+    profile_cap: int | None
+    priority: int
+    waited_ms: int
+    aging_ms: int
+    demand_ttl_ms: int = 0  # > 0: when refused, publish this request as the replica's demand
+
+
+def prefix_for(upstream: str, namespace: str = "gg") -> str:
+    return f"{namespace}:{{{upstream}}}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(items: list[Any]) -> dict[str, int]:
+    return {_text(items[i]): int(items[i + 1]) for i in range(0, len(items), 2)}
+
+
+def _view(raw: list[Any]) -> View:
+    return View(int(raw[0]), int(raw[1]), _pairs(raw[2:]))
+
+
+class LeaseStore:
+    """The leases of one upstream; ``replica`` is this process's id (no ``|`` in it)."""
+
+    def __init__(self, redis: Redis, upstream: str, replica: str, *, lease_ms: int, namespace: str = "gg") -> None:
+        if "|" in replica or not replica:
+            raise ValueError(f"a replica id must be non-empty and without '|' (got {replica!r})")
+        self.redis = redis
+        self.upstream = upstream
+        self.replica = replica
+        self.lease_ms = lease_ms
+        self.prefix = prefix_for(upstream, namespace)
+        self.channel = f"{self.prefix}:released"
+        self._acquire = redis.register_script(scripts.ACQUIRE)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._clear = redis.register_script(scripts.CLEAR_DEMAND)
+        self._global = redis.register_script(scripts.GLOBAL_VIEW)
+
+    def member(self, request_id: str) -> str:
+        return f"{self.replica}|{request_id}"
+
+    async def acquire(self, ask: Ask) -> View:
+        lease = ask.lease
+        raw = await self._acquire(
+            args=[
+                self.prefix,
+                self.replica,
+                lease.member,
+                lease.lane,
+                lease.profile,
+                ask.cap,
+                ask.lane_cap,
+                -1 if ask.profile_cap is None else ask.profile_cap,
+                self.lease_ms,
+                ask.priority,
+                ask.waited_ms,
+                ask.aging_ms,
+                ask.demand_ttl_ms,
+            ]
+        )
+        return _view(raw)
+
+    async def release(self, lease: Lease) -> bool:
+        removed = await self._release(args=[self.prefix, self.channel, lease.member, lease.lane, lease.profile])
+        return bool(removed)
+
+    async def renew(self, leases: Iterable[Lease]) -> View:
+        """Upsert every lease held now (put back any that expired or were lost) and beat the heart.
+        ``View.code`` is 1 while the server is in its quiet period after a fresh start."""
+        args: list[str | int] = [self.prefix, self.replica, self.lease_ms]
+        for lease in leases:
+            args += [lease.member, lease.lane, lease.profile]
+        return _view(await self._renew(args=args))
+
+    async def clear_demand(self) -> None:
+        await self._clear(args=[self.prefix, self.replica])
+
+    async def counts(self) -> Counts:
+        raw = await self._global(args=[self.prefix])
+        return Counts(int(raw[0]), _pairs(raw[1]), _pairs(raw[2]))

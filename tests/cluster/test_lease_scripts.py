@@ -1,0 +1,317 @@
+"""The Lua scripts against a real redis-server: random acquire / release / renew / replica death / lease expiry /
+clock jump / server restart sequences, checked step by step against a model.
+
+Time is never mocked: a lease that expires, or a server clock that jumps ahead of every lease, is made by writing
+expired scores (what the server would hold after the time passed); a restart deletes every key and the script
+cache (what a server without persistence comes back with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from redis.asyncio import Redis
+
+from gateway_guard.admission.cluster import scripts
+from gateway_guard.admission.cluster.store import Ask, Lease, LeaseStore, prefix_for
+from tests.support.redis import RedisServer
+
+CAP = 3
+LANES = {"interactive": (0, CAP), "batch": (1, CAP - 1)}  # priority, lane cap (the cap less the headroom)
+PROFILE_CAPS = {"a": 1, "b": 2, "c": None}
+LEASE_MS = 600_000  # nothing expires by itself during a run
+AGING_MS = 3_600_000
+WAITS = [0, 300_000, 600_000]  # ranks differ by >= 0.083; the seconds a run lasts move a rank by < 0.01
+TIE = 0.02
+LIVE = 1_000  # scores written to expire a lease are 1; a live lease's is Redis TIME in ms
+
+_names = itertools.count()
+
+
+@dataclass
+class ModelLease:
+    replica: str
+    lane: str
+    profile: str
+    in_redis: bool = True
+
+
+class LeaseMachine(RuleBasedStateMachine):
+    url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.redis: Redis = Redis.from_url(self.url)
+        self.name = f"hyp{next(_names)}"
+        self.prefix = prefix_for(self.name)
+        self.run(self.redis.set(f"{self.prefix}:epoch", 0))  # as if booted long ago: no quiet period
+        self.stores: dict[str, LeaseStore] = {}
+        self.alive: set[str] = set()
+        self.leases: dict[str, ModelLease] = {}
+        self.demand: dict[str, tuple[float, str]] = {}  # replica -> (rank, lane) of its published waiter
+        self.booted, self.quiet = True, False
+        self.renewed_since_restart: set[str] = set()
+        self.renewed_since_jump: set[str] = set()
+        self.breach_allowed = False
+        self.ids = itertools.count()
+        for _ in range(3):
+            self._add_replica()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def _add_replica(self) -> None:
+        replica = f"r{len(self.stores)}"
+        self.stores[replica] = LeaseStore(self.redis, self.name, replica, lease_ms=LEASE_MS)
+        self.alive.add(replica)
+
+    def _in_redis(self, key: str | None = None, value: str | None = None) -> int:
+        def match(m: ModelLease) -> bool:
+            return key is None or (m.lane if key == "lane" else m.profile) == value
+
+        return sum(1 for m in self.leases.values() if m.in_redis and match(m))
+
+    def _boot(self) -> None:
+        if not self.booted:
+            self.booted, self.quiet = True, True
+            self.renewed_since_restart = set()
+
+    # -- rules ----------------------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.alive)
+    @rule(
+        data=st.data(),
+        lane=st.sampled_from(sorted(LANES)),
+        profile=st.sampled_from(sorted(PROFILE_CAPS)),
+        waited=st.sampled_from(WAITS),
+        publish=st.booleans(),
+    )
+    def acquire(self, data: st.DataObject, lane: str, profile: str, waited: int, publish: bool) -> None:
+        replica = data.draw(st.sampled_from(sorted(self.alive)))
+        store = self.stores[replica]
+        member = store.member(str(next(self.ids)))
+        priority, lane_cap = LANES[lane]
+        ask = Ask(
+            lease=Lease(member, lane, profile),
+            cap=CAP,
+            lane_cap=lane_cap,
+            profile_cap=PROFILE_CAPS[profile],
+            priority=priority,
+            waited_ms=waited,
+            aging_ms=AGING_MS,
+            demand_ttl_ms=LEASE_MS if publish else 0,
+        )
+        view = self.run(store.acquire(ask))
+        self._boot()
+        mine = priority - waited / AGING_MS
+        profile_cap = PROFILE_CAPS[profile]
+        allowed: set[int]
+        if self.quiet:
+            allowed = {scripts.QUIET}
+        elif self._in_redis() >= CAP:
+            allowed = {scripts.FULL}
+        elif self._in_redis("lane", lane) >= lane_cap:
+            allowed = {scripts.LANE_FULL}
+        elif profile_cap is not None and self._in_redis("profile", profile) >= profile_cap:
+            allowed = {scripts.PROFILE_FULL}
+        else:
+            ranks = [
+                rank
+                for other, (rank, olane) in self.demand.items()
+                if other != replica and self._in_redis("lane", olane) < LANES[olane][1]
+            ]
+            if any(rank < mine - TIE for rank in ranks):
+                allowed = {scripts.YIELD}
+            elif any(abs(rank - mine) <= TIE for rank in ranks):
+                allowed = {scripts.YIELD, scripts.OK}  # same rank: the older publication wins, by ms
+            else:
+                allowed = {scripts.OK}
+        assert view.code in allowed, (view, allowed)
+        if view.code == scripts.OK:
+            assert self._in_redis() < CAP  # the cap, as Redis saw it, had room
+            self.leases[member] = ModelLease(replica, lane, profile)
+            self.demand.pop(replica, None)
+        elif publish and view.code in (scripts.FULL, scripts.YIELD, scripts.QUIET):
+            self.demand[replica] = (mine, lane)
+        assert view.total == self._in_redis()
+
+    @precondition(lambda self: any(m.replica in self.alive for m in self.leases.values()))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        member = data.draw(st.sampled_from(sorted(k for k, m in self.leases.items() if m.replica in self.alive)))
+        lease = self.leases.pop(member)
+        removed = self.run(self.stores[lease.replica].release(Lease(member, lease.lane, lease.profile)))
+        assert removed == lease.in_redis
+
+    @precondition(lambda self: self.alive)
+    @rule(data=st.data())
+    def renew(self, data: st.DataObject) -> None:
+        replica = data.draw(st.sampled_from(sorted(self.alive)))
+        mine = [(k, m) for k, m in self.leases.items() if m.replica == replica]
+        view = self.run(self.stores[replica].renew(Lease(k, m.lane, m.profile) for k, m in mine))
+        self._boot()
+        for _, m in mine:
+            m.in_redis = True
+        assert view.code == int(self.quiet)
+        assert view.total == self._in_redis()
+        assert view.per_replica.get(replica) == len(mine)
+        self.renewed_since_restart.add(replica)
+        self.renewed_since_jump.add(replica)
+
+    @precondition(lambda self: len(self.alive) > 0)
+    @rule(data=st.data())
+    def die(self, data: st.DataObject) -> None:
+        """Killed: its requests stop at the upstream; the leases it had in Redis stay until they expire."""
+        replica = data.draw(st.sampled_from(sorted(self.alive)))
+        self.alive.discard(replica)
+        for k in [k for k, m in self.leases.items() if m.replica == replica and not m.in_redis]:
+            del self.leases[k]
+
+    @precondition(lambda self: len(self.stores) < 6)
+    @rule()
+    def new_replica(self) -> None:
+        self._add_replica()
+
+    @precondition(lambda self: any(r not in self.alive for r in self.stores))
+    @rule(data=st.data())
+    def dead_replica_expires(self, data: st.DataObject) -> None:
+        """One lease after its last renewal: the server's clock passed its leases' and its demand's expiry."""
+        replica = data.draw(st.sampled_from(sorted(r for r in self.stores if r not in self.alive)))
+        members = [k for k, m in self.leases.items() if m.replica == replica]
+        self.run(self._expire(members, [replica]))
+        for k in members:
+            del self.leases[k]
+        self.demand.pop(replica, None)
+
+    @rule()
+    def clock_jumps_past_every_lease(self) -> None:
+        members = [k.decode() for k in self.run(self.redis.zrange(f"{self.prefix}:leases", 0, -1))]
+        self.run(self._expire(members, list(self.stores)))
+        for k, m in list(self.leases.items()):
+            if m.replica in self.alive:
+                m.in_redis = False  # still running at its replica, until the next renewal puts it back
+            else:
+                del self.leases[k]
+        self.demand.clear()
+        self.breach_allowed = True
+        self.renewed_since_jump = set()
+
+    @rule()
+    def server_restarts_empty(self) -> None:
+        async def wipe() -> None:
+            keys = [k async for k in self.redis.scan_iter(match=f"{self.prefix}:*")]
+            if keys:
+                await self.redis.delete(*keys)
+            await self.redis.script_flush()
+
+        self.run(wipe())
+        for k, m in list(self.leases.items()):
+            if m.replica in self.alive:
+                m.in_redis = False
+            else:
+                del self.leases[k]
+        self.demand.clear()
+        self.booted = False
+
+    @precondition(lambda self: self.quiet and self.alive <= self.renewed_since_restart)
+    @rule()
+    def quiet_period_ends(self) -> None:
+        self.run(self.redis.delete(f"{self.prefix}:quiet"))
+        self.quiet = False
+
+    async def _expire(self, members: list[str], demand_of: list[str]) -> None:
+        if members:
+            await self.redis.zadd(f"{self.prefix}:leases", dict.fromkeys(members, 1), xx=True)
+        for replica in demand_of:
+            raw = await self.redis.hget(f"{self.prefix}:demand", replica)
+            if raw is not None:
+                fields = raw.decode().split("|")
+                await self.redis.hset(f"{self.prefix}:demand", replica, "|".join([*fields[:-1], "1"]))
+
+    # -- invariants -----------------------------------------------------------------------------------------
+
+    @invariant()
+    def redis_holds_what_the_model_holds(self) -> None:
+        live = self.run(self.redis.zrangebyscore(f"{self.prefix}:leases", LIVE, "+inf"))
+        assert {k.decode() for k in live} == {k for k, m in self.leases.items() if m.in_redis}
+        counts = self.run(self.stores[next(iter(self.stores))].counts())  # purges what expired, indexes too
+        assert counts.total == self._in_redis()
+        for lane in LANES:
+            assert counts.lanes.get(lane, 0) == self._in_redis("lane", lane)
+        for profile in PROFILE_CAPS:
+            assert counts.profiles.get(profile, 0) == self._in_redis("profile", profile)
+
+    @invariant()
+    def the_cap_holds(self) -> None:
+        """Requests running (the live replicas') never exceed the cap, except after the server's clock jumped past
+        every lease, until every live replica renewed and the excess drained."""
+        running = sum(1 for m in self.leases.values() if m.replica in self.alive)
+        if self.breach_allowed and self.alive <= self.renewed_since_jump and running <= CAP:
+            self.breach_allowed = False
+        if not self.breach_allowed:
+            assert running <= CAP
+
+    def teardown(self) -> None:
+        try:
+            for k, m in list(self.leases.items()):
+                if m.replica in self.alive:
+                    self.run(self.stores[m.replica].release(Lease(k, m.lane, m.profile)))
+                    del self.leases[k]
+            self.run(self._expire(list(self.leases), list(self.stores)))
+            self.leases.clear()
+            counts = self.run(self.stores["r0"].counts())
+            assert counts.total == 0
+            left = {k.decode() for k in self.run(self._keys())}
+            allowed = {f"{self.prefix}:{suffix}" for suffix in ("epoch", "quiet", "replicas", "demand")}
+            assert left <= allowed, f"leaked keys: {sorted(left - allowed)}"
+        finally:
+            self.run(self.redis.aclose())
+            self.loop.close()
+
+    async def _keys(self) -> list[bytes]:
+        return [k async for k in self.redis.scan_iter(match=f"{self.prefix}:*")]
+
+
+def test_lease_scripts_hold_the_cap_and_leak_nothing(shared_redis: RedisServer) -> None:
+    LeaseMachine.url = shared_redis.url
+    run_state_machine_as_test(
+        LeaseMachine,
+        settings=settings(
+            max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
+    )
+
+
+async def test_a_fresh_server_grants_nothing_for_one_lease(shared_redis: RedisServer, upstream_name: str) -> None:
+    """A restarted (empty) server holds new leases back for one lease, while replicas put theirs back."""
+    redis = Redis.from_url(shared_redis.url)
+    try:
+        store = LeaseStore(redis, upstream_name, "a", lease_ms=300)
+        ask = Ask(
+            lease=Lease(store.member("1"), "batch", "p"),
+            cap=2,
+            lane_cap=2,
+            profile_cap=None,
+            priority=1,
+            waited_ms=0,
+            aging_ms=10_000,
+        )
+        assert (await store.acquire(ask)).code == scripts.QUIET
+        view = await store.renew([Lease(store.member("0"), "batch", "p")])  # a survivor is put back at once
+        assert (view.code, view.total) == (1, 1)
+        ttl = await redis.pttl(f"{store.prefix}:quiet")
+        assert 0 < ttl <= 300
+        await asyncio.sleep(ttl / 1000 + 0.05)  # the quiet period is server time: wait it out, bounded
+        assert (await store.renew([Lease(store.member("0"), "batch", "p")])).code == 0  # over; survivor renewed
+        view = await store.acquire(ask)
+        assert (view.code, view.total) == (scripts.OK, 2)
+        assert view.per_replica == {"a": 2}
+    finally:
+        await redis.aclose()
