@@ -47,6 +47,7 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 CHART_W, CHART_H = 360, 100
+CHART_MIN_SPAN = 300.0
 
 Path = list[str]
 
@@ -208,7 +209,8 @@ def bar(label: str, in_flight: int, queued: int, limit: int | None, scale: int, 
     def x(v: float) -> str:
         return f"{100 * v / scale:.2f}"
 
-    name = f"{label} {in_flight} of {fmt(limit)} in flight" + (f", {queued} queued" if queued else "")
+    name = f"{label} {in_flight} in flight" if limit is None else f"{label} {in_flight} of {limit} in flight"
+    name += (f", {queued} queued" if queued else "") + (" (no cap of its own)" if limit is None else "")
     parts = [f'<rect class="room" x="0" y="0" width="{x(limit or scale)}" height="10"/>']
     if cap is not None and limit is not None and cap < limit:
         parts.append(f'<rect class="headroom" x="{x(cap)}" y="0" width="{x(limit - cap)}" height="10"/>')
@@ -238,23 +240,38 @@ def upstream_state(
 
 
 def chart(name: str, points: list[list[float]], now: float, window: float) -> str:
+    """In flight, queued and limit per history step; x spans the last hour, or the time since the first step
+    (at least ``CHART_MIN_SPAN`` s) while the guard has run for less."""
     top = max([1.0] + [max(p[3], p[1], p[2]) for p in points])
+    first = points[0][0] if points else now
+    span = min(window, max(CHART_MIN_SPAN, now - first))
 
     def line(i: int) -> str:
         xy = []
-        for p in points:
-            x = (p[0] - (now - window)) / window * CHART_W
+        for p in [*points, [now, *points[-1][1:]]] if points else []:  # the last step lasts until now
+            x = (p[0] - (now - span)) / span * CHART_W
             xy.append(f"{max(0.0, x):.1f},{CHART_H - p[i] / top * (CHART_H - 4):.1f}")
         return " ".join(xy)
 
     lines = "".join(
         f'<polyline class="{cls}" points="{line(i)}"/>' for i, cls in ((3, "limit"), (2, "queued"), (1, "inflight"))
     )
+    when = "last hour" if span >= window else f"since {utc(first)}"
     return (
         f'<figure class="chart"><svg viewBox="0 0 {CHART_W} {CHART_H}" preserveAspectRatio="none" role="img"'
         f' aria-label="{escape(name)}: in flight, queued and limit over the last hour">{lines}</svg>'
         f'<figcaption><span class="key inflight">in flight</span> <span class="key queued">queued</span>'
-        f' <span class="key limit">limit</span> · last hour, top {escape(fmt(top))}</figcaption></figure>'
+        f" <span class=\"key limit\">limit</span> · {when}, top {escape(fmt(top))}</figcaption></figure>"
+    )
+
+
+def _counts(p: Path, v: Mapping[str, Any]) -> str:
+    queued = f" · {num([*p, 'queued'], v['queued'])} queued"
+    if v["limit"] is None:  # a profile with no cap of its own
+        return f"{num([*p, 'in_flight'], v['in_flight'])} in flight{queued} · no cap of its own"
+    return (
+        f"{num([*p, 'in_flight'], v['in_flight'])} of {num([*p, 'limit'], v['limit'])} in flight{queued}"
+        f" · {num([*p, 'free'], v['free'])} free"
     )
 
 
@@ -266,8 +283,7 @@ def _views(title: str, name: str, kind: str, views: Mapping[str, Any], scale: in
         rows.append(
             f'<li><span class="name">{escape(key)}</span>'
             f"{bar(label, v['in_flight'], v['queued'], v['limit'], scale)}"
-            f'<span class="nums">{num([*p, "in_flight"], v["in_flight"])} of {num([*p, "limit"], v["limit"])}'
-            f" in flight · {num([*p, 'queued'], v['queued'])} queued · {num([*p, 'free'], v['free'])} free</span></li>"
+            f'<span class="nums">{_counts(p, v)}</span></li>'
         )
     return f'<h3>{title}</h3><ul class="views">{"".join(rows)}</ul>' if rows else ""
 
@@ -323,7 +339,8 @@ def render_upstream(name: str, up: Mapping[str, Any], hist: Mapping[str, Any]) -
 
 
 def _reserved(p: Path, reserved: Any) -> str:
-    if reserved is None:
+    """Reservations (guard-dispatch's booked slots), when there are any."""
+    if not reserved or (isinstance(reserved, Mapping) and not any(reserved.values())):
         return ""
     if isinstance(reserved, Mapping):
         items = "".join(

@@ -180,8 +180,11 @@ def test_state_and_reservations_from_the_capacity_payload_win() -> None:
         assert '<span class="state unknown">unknown</span>' in html  # "c": no state anywhere yet
         assert shown_at(shown, ["c", "upstreams", "a", "reserved", "batch"]) == "1"
         assert shown_at(shown, ["c", "upstreams", "a", "limit_history", "0", "ago_s"]) == "12.5"
-        assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "limit"]) == "none"
-        assert 'aria-label="profile alpha 1 of none in flight"' in html
+        assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "in_flight"]) == "1"
+        assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "limit"]) is None  # no cap: not shown
+        assert 'aria-label="profile alpha 1 in flight (no cap of its own)"' in html
+    cap = {"free": 2, "lanes": {}, "upstreams": {"a": dict(up, reserved={"batch": 0})}}
+    assert 'class="reserved"' not in render_page(cap, hist)  # nothing booked: nothing shown
 
 
 def test_an_unknown_access_mode_is_refused() -> None:

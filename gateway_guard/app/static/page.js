@@ -3,8 +3,8 @@
 // once a second. No framework, no build step, nothing loaded from elsewhere.
 (function () {
   "use strict";
-  var CHART_W = 360, CHART_H = 100;
-  var cap = null, hist = null, pollTimer = null, events = null, lastOk = 0;
+  var CHART_W = 360, CHART_H = 100, CHART_MIN_SPAN = 300;
+  var cap = null, hist = null, pollTimer = null, events = null, lastOk = 0, shown = "";
 
   function esc(s) {
     return String(s).replace(/[&<>"']/g, function (c) {
@@ -32,7 +32,9 @@
   function bar(label, inFlight, queued, limit, scale, capAt) {
     scale = Math.max(scale || 0, limit || 0, inFlight + queued, 1);
     function x(v) { return f2(100 * v / scale); }
-    var name = label + " " + inFlight + " of " + fmt(limit) + " in flight" + (queued ? ", " + queued + " queued" : "");
+    var noCap = limit === null || limit === undefined;
+    var name = label + " " + inFlight + (noCap ? "" : " of " + limit) + " in flight" +
+      (queued ? ", " + queued + " queued" : "") + (noCap ? " (no cap of its own)" : "");
     var parts = ['<rect class="room" x="0" y="0" width="' + x(limit || scale) + '" height="10"/>'];
     if (capAt !== null && capAt !== undefined && limit !== null && capAt < limit) {
       parts.push('<rect class="headroom" x="' + x(capAt) + '" y="0" width="' + x(limit - capAt) + '" height="10"/>');
@@ -61,20 +63,33 @@
   function chart(name, points, now, windowS) {
     var top = 1;
     points.forEach(function (p) { top = Math.max(top, p[3], p[1], p[2]); });
-    function line(i) {
-      return points.map(function (p) {
-        var x = (p[0] - (now - windowS)) / windowS * CHART_W;
+    var first = points.length ? points[0][0] : now;
+    var span = Math.min(windowS, Math.max(CHART_MIN_SPAN, now - first));
+    var drawn = points.length ? points.concat([[now].concat(points[points.length - 1].slice(1))]) : [];
+    function line(i) {  // the last step lasts until now
+      return drawn.map(function (p) {
+        var x = (p[0] - (now - span)) / span * CHART_W;
         return Math.max(0, x).toFixed(1) + "," + (CHART_H - p[i] / top * (CHART_H - 4)).toFixed(1);
       }).join(" ");
     }
     var lines = [[3, "limit"], [2, "queued"], [1, "inflight"]].map(function (a) {
       return '<polyline class="' + a[1] + '" points="' + line(a[0]) + '"/>';
     }).join("");
+    var when = span >= windowS ? "last hour" : "since " + utc(first);
     return '<figure class="chart"><svg viewBox="0 0 ' + CHART_W + " " + CHART_H +
       '" preserveAspectRatio="none" role="img" aria-label="' + esc(name) +
       ': in flight, queued and limit over the last hour">' + lines + "</svg>" +
       '<figcaption><span class="key inflight">in flight</span> <span class="key queued">queued</span>' +
-      ' <span class="key limit">limit</span> \u00b7 last hour, top ' + esc(fmt(top)) + "</figcaption></figure>";
+      ' <span class="key limit">limit</span> \u00b7 ' + when + ", top " + esc(fmt(top)) + "</figcaption></figure>";
+  }
+
+  function counts(p, v) {
+    var queued = " \u00b7 " + num(p.concat(["queued"]), v.queued) + " queued";
+    if (v.limit === null || v.limit === undefined) {  // a profile with no cap of its own
+      return num(p.concat(["in_flight"]), v.in_flight) + " in flight" + queued + " \u00b7 no cap of its own";
+    }
+    return num(p.concat(["in_flight"]), v.in_flight) + " of " + num(p.concat(["limit"]), v.limit) + " in flight" +
+      queued + " \u00b7 " + num(p.concat(["free"]), v.free) + " free";
   }
 
   function views(title, name, kind, vs, scale) {
@@ -82,15 +97,13 @@
       var v = vs[key], p = ["c", "upstreams", name, kind, key];
       var label = kind === "lanes" ? key : "profile " + key;
       return '<li><span class="name">' + esc(key) + "</span>" + bar(label, v.in_flight, v.queued, v.limit, scale) +
-        '<span class="nums">' + num(p.concat(["in_flight"]), v.in_flight) + " of " + num(p.concat(["limit"]), v.limit) +
-        " in flight \u00b7 " + num(p.concat(["queued"]), v.queued) + " queued \u00b7 " +
-        num(p.concat(["free"]), v.free) + " free</span></li>";
+        '<span class="nums">' + counts(p, v) + "</span></li>";
     });
     return rows.length ? "<h3>" + title + '</h3><ul class="views">' + rows.join("") + "</ul>" : "";
   }
 
-  function reserved(p, r) {
-    if (r === null || r === undefined) return "";
+  function reserved(p, r) {  // reservations (guard-dispatch's booked slots), when there are any
+    if (!r || (typeof r === "object" && !Object.keys(r).some(function (key) { return r[key]; }))) return "";
     if (typeof r === "object" && !Array.isArray(r)) {
       var items = Object.keys(r).filter(function (key) { return typeof r[key] !== "object" || r[key] === null; })
         .map(function (key) { return "<li>" + esc(key) + ": " + num(p.concat(["reserved", key]), r[key]) + "</li>"; });
@@ -169,11 +182,14 @@
   function render() {
     if (!cap) return;
     var ups = Object.keys(cap.upstreams || {}).map(function (n) { return renderUpstream(n, cap.upstreams[n], hist); });
-    document.getElementById("live").innerHTML =
-      '<p class="overall">free batch slots overall ' + num(["c", "free"], cap.free) +
+    var html = '<p class="overall">free batch slots overall ' + num(["c", "free"], cap.free) +
       " \u00b7 snapshot at " + utc(hist ? hist.now : null) + "</p>" + ups.join("") +
       '<section class="recent"><h2>Last refusals</h2>' + renderRefusals(hist) + "</section>" +
       '<section class="recent"><h2>Tokens per minute</h2>' + renderTokens(hist) + "</section>";
+    if (html !== shown) {  // redraw only what changed: a reader's place and selection survive idle updates
+      document.getElementById("live").innerHTML = html;
+      shown = html;
+    }
   }
 
   function setMode(text, ok) {
