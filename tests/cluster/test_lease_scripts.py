@@ -140,6 +140,8 @@ class LeaseMachine(RuleBasedStateMachine):
             self.demand.pop(replica, None)
         elif publish and view.code in (scripts.FULL, scripts.YIELD, scripts.QUIET):
             self.demand[replica] = (mine, lane)
+        elif publish:  # refused by its lane's or profile's cap: it is no demand
+            self.demand.pop(replica, None)
         assert view.total == self._in_redis()
 
     @precondition(lambda self: any(m.replica in self.alive for m in self.leases.values()))
@@ -151,11 +153,14 @@ class LeaseMachine(RuleBasedStateMachine):
         assert removed == lease.in_redis
 
     @precondition(lambda self: self.alive)
-    @rule(data=st.data())
-    def renew(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), recovering=st.booleans())
+    def renew(self, data: st.DataObject, recovering: bool) -> None:
         replica = data.draw(st.sampled_from(sorted(self.alive)))
         mine = [(k, m) for k, m in self.leases.items() if m.replica == replica]
-        view = self.run(self.stores[replica].renew(Lease(k, m.lane, m.profile) for k, m in mine))
+        leases = [Lease(k, m.lane, m.profile) for k, m in mine]
+        view = self.run(self.stores[replica].renew(leases, recovering=recovering))
+        if recovering and not self.quiet:  # back from a fallback: everyone re-registers before new grants
+            self.quiet, self.renewed_since_restart = True, set()
         self._boot()
         for _, m in mine:
             m.in_redis = True

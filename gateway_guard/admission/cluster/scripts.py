@@ -93,8 +93,12 @@ if redis.call('ZSCORE', p .. ':leases', member) then
   return view(1)
 end
 if redis.call('ZCARD', p .. ':leases') >= cap then return refuse(0) end
-if redis.call('SCARD', p .. ':lane:' .. lane) >= lane_cap then return view(-1) end
-if profile_cap >= 0 and redis.call('SCARD', p .. ':prof:' .. profile) >= profile_cap then return view(-2) end
+local function pass(code)  -- this request cannot use a slot now: it is not the replica's demand either
+  if demand_ttl > 0 then redis.call('HDEL', p .. ':demand', replica) end
+  return view(code)
+end
+if redis.call('SCARD', p .. ':lane:' .. lane) >= lane_cap then return pass(-1) end
+if profile_cap >= 0 and redis.call('SCARD', p .. ':prof:' .. profile) >= profile_cap then return pass(-2) end
 local mine = priority - waited / aging
 local demand = redis.call('HGETALL', p .. ':demand')
 for i = 1, #demand, 2 do
@@ -127,17 +131,20 @@ return removed
 """
 )
 
-# ARGV: prefix, replica, lease_ms, then (member, lane, profile) triples: every lease the replica holds now.
-# Upserts them (a lease that expired or that a restarted server lost is put back: the request still runs) and
-# records the heartbeat. -> {quiet (1/0), leases in total, replica, count, ...}
+# ARGV: prefix, replica, lease_ms, recovering (1/0), then (member, lane, profile) triples: every lease the replica
+# holds now. Upserts them (a lease that expired or that a restarted server lost is put back: the request still
+# runs) and records the heartbeat. A replica back from its fallback starts a quiet period (unless one runs), so
+# that no lease is granted past the ones the others took in fallback before they too have put them back.
+# -> {quiet (1/0), leases in total, replica, count, ...}
 RENEW = (
     _COMMON
     + r"""
 local replica, lease = ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
+if ARGV[4] == '1' then redis.call('SET', p .. ':quiet', '1', 'PX', lease, 'NX') end
 local quiet = boot(now, lease)
 purge(now)
-for i = 4, #ARGV, 3 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + lease) end
+for i = 5, #ARGV, 3 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + lease) end
 redis.call('ZADD', p .. ':replicas', now + 3 * lease, replica)
 local out = view(quiet)
 return out

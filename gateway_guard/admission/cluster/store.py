@@ -116,10 +116,10 @@ class LeaseStore:
         removed = await self._release(args=[self.prefix, self.channel, lease.member, lease.lane, lease.profile])
         return bool(removed)
 
-    async def renew(self, leases: Iterable[Lease]) -> View:
-        """Upsert every lease held now (put back any that expired or were lost) and beat the heart.
-        ``View.code`` is 1 while the server is in its quiet period after a fresh start."""
-        args: list[str | int] = [self.prefix, self.replica, self.lease_ms]
+    async def renew(self, leases: Iterable[Lease], *, recovering: bool = False) -> View:
+        """Upsert every lease held now (put back any that expired or were lost) and beat the heart; ``recovering``
+        (back from the fallback) starts a quiet period. ``View.code`` is 1 while the server is quiet."""
+        args: list[str | int] = [self.prefix, self.replica, self.lease_ms, int(recovering)]
         for lease in leases:
             args += [lease.member, lease.lane, lease.profile]
         return _view(await self._renew(args=args))

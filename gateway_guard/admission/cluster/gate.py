@@ -1,0 +1,388 @@
+"""The shared gate: the in-memory ``Gate`` for local order, a Redis lease for the cap every replica shares.
+
+A request passes two steps:
+
+1. **The local gate** (``admission/gate.py``, unchanged): lanes, aging, fair turns between profiles, queue bounds
+   and deadlines, the token budget. Its limit is the cap (``ShareLimit``), so a replica never has more requests
+   past this step than the whole cluster may run.
+2. **A lease** in Redis (``store.py``): one task per upstream (the *pump*) asks for a lease for the best-ranked
+   request past step 1, then the next, until Redis says the cap (``FULL``), or a better-ranked request waiting at
+   another replica (``YIELD``, from the demand replicas publish), stands in the way; a lane or profile at its
+   cluster-wide cap skips to the next request. Waiters wake on the release channel, or on a jittered poll.
+
+The lease is held as long as the permit, renewed every lease/3 (``keeper``), and released with the permit.
+
+**When Redis is gone** (an error or timeout of any call) or quiet after a restart, the replica falls back to a
+static share of the cap (``share.py``), logs it and shows it in ``status``; the keeper keeps trying, and when a
+renewal goes through it puts back every lease held (those taken in fallback too: upserts, never counted twice)
+and starts a quiet period of one lease so that the others do the same before anyone is granted past them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from functools import partial
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from gateway_guard.admission.budget import TokenBudget
+from gateway_guard.admission.cluster import scripts
+from gateway_guard.admission.cluster.link import FALLBACK, GONE, QUIET, SHARED, ClusterStatus, Link
+from gateway_guard.admission.cluster.share import ShareLimit
+from gateway_guard.admission.cluster.store import Ask, Lease, LeaseStore
+from gateway_guard.admission.gate import Gate, GateSnapshot, Permit, SlotView
+from gateway_guard.admission.limit import Limit
+from gateway_guard.admission.policy import LanePolicy, ProfilePolicy, Result, UpstreamPolicy
+from gateway_guard.errors import DeadlineExceeded
+from gateway_guard.upstream.saturation import Saturation
+
+log = logging.getLogger("gateway_guard.cluster")
+
+__all__ = ["FALLBACK", "SHARED", "ClusterGate", "ClusterStatus"]
+
+
+class _Want:
+    """A request past the local gate, waiting for its lease."""
+
+    __slots__ = ("enqueued_at", "future", "lane", "profile")
+
+    def __init__(self, lane: LanePolicy, profile: str, enqueued_at: float, future: asyncio.Future[Lease]) -> None:
+        self.lane, self.profile, self.enqueued_at, self.future = lane, profile, enqueued_at, future
+
+
+class ClusterGate:
+    """Same surface as ``Gate``; the cap is shared with every replica using the same Redis and upstream name."""
+
+    def __init__(
+        self,
+        name: str,
+        limit: Limit,
+        lanes: Iterable[LanePolicy],
+        profiles: Mapping[str, ProfilePolicy] | None = None,
+        *,
+        store: LeaseStore,
+        aging_seconds: float = 10.0,
+        default_profile_policy: ProfilePolicy | None = None,
+        budget: TokenBudget | None = None,
+    ) -> None:
+        self.name = name
+        self._cap = limit
+        self._share = ShareLimit(limit)
+        self._local = Gate(
+            name,
+            self._share,
+            lanes,
+            profiles,
+            aging_seconds=aging_seconds,
+            default_profile_policy=default_profile_policy,
+            budget=budget,
+        )
+        self._profiles = dict(profiles or {})
+        self._default_profile = default_profile_policy or ProfilePolicy()
+        self._aging = aging_seconds
+        self._store = store
+        lease_s = store.lease_ms / 1000
+        self._poll = min(0.25, lease_s / 10)  # the fallback to the release channel
+        self._demand_ttl_ms = max(1000, round(self._poll * 8000))
+        self._wants: list[_Want] = []
+        self._held: dict[str, Lease] = {}
+        self._ids = itertools.count()
+        self._demand = False  # this replica may have a demand published
+        self._listeners: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self._link = Link(name, store, self._share, self._held, kick=self._kick, changed=self._changed)
+        self._local.watch(self._changed)
+
+    # -- the AdmissionGate surface ------------------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return self._cap.limit
+
+    @property
+    def limit_source(self) -> Limit:
+        return self._cap
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._held)
+
+    @property
+    def budget(self) -> TokenBudget | None:
+        return self._local.budget
+
+    def lane_names(self) -> Iterable[str]:
+        return self._local.lane_names()
+
+    def lane_policy(self, lane: str) -> LanePolicy:
+        return self._local.lane_policy(lane)
+
+    def queue_timeout(self, lane: str) -> float:
+        return self._local.queue_timeout(lane)
+
+    def retry_after(self, lane: str) -> float:
+        return self._local.retry_after(lane)
+
+    def on_saturation(self, sat: Saturation) -> None:
+        self._local.on_saturation(sat)
+
+    def watch(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def unwatch() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unwatch
+
+    async def acquire(
+        self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
+    ) -> Permit:
+        timeout = self._local.queue_timeout(lane)  # UnknownLane for a lane that does not exist
+        policy = self._local.lane_policy(lane)
+        wait = timeout if max_wait is None else max_wait
+        loop = asyncio.get_running_loop()
+        self.start()
+        started = loop.time()
+        inner = await self._local.acquire(lane, profile, max_wait=max_wait, prompt_tokens=prompt_tokens)
+        try:
+            lease = await self._lease(policy, profile, started, started + wait)
+        except BaseException:
+            inner.release(Result.IGNORED)
+            raise
+        now = loop.time()
+        inner.acquired_at = now  # the slot is held from the lease on: that is what the hold time measures
+        return Permit(
+            partial(self._release, inner, lease),
+            lane,
+            profile,
+            now,
+            now - started,
+            tokens=inner.tokens,
+            prompt_estimate=inner.prompt_estimate,
+        )
+
+    def snapshot(self) -> GateSnapshot:
+        """Cluster-wide in-flight (leases, as last seen) with this replica's queues."""
+        local = self._local.snapshot()
+        limit = self._cap.limit
+        waiting: dict[str, int] = {}
+        waiting_profiles: dict[str, int] = {}
+        for want in self._wants:
+            waiting[want.lane.name] = waiting.get(want.lane.name, 0) + 1
+            waiting_profiles[want.profile] = waiting_profiles.get(want.profile, 0) + 1
+        in_flight = max(self._link.counts.total, self._link.total, len(self._held))
+        queued = local.queued + len(self._wants)
+        open_slots = max(0, limit - in_flight)
+        lanes = {}
+        for name, view in local.lanes.items():
+            cap = max(1, limit - self._local.lane_policy(name).headroom)
+            busy = max(self._link.counts.lanes.get(name, 0), self._held_in("lane", name))
+            lane_queued = view.queued + waiting.get(name, 0)
+            lanes[name] = SlotView(cap, busy, lane_queued, max(0, min(cap - busy, open_slots) - lane_queued))
+        profiles = {}
+        for name, view in local.profiles.items():
+            busy = max(self._link.counts.profiles.get(name, 0), self._held_in("profile", name))
+            pq = view.queued + waiting_profiles.get(name, 0)
+            pfree = None if view.limit is None else max(0, view.limit - busy - pq)
+            profiles[name] = SlotView(view.limit, busy, pq, pfree)
+        return GateSnapshot(
+            self.name,
+            limit,
+            in_flight,
+            queued,
+            max(0, open_slots - queued),
+            lanes,
+            profiles,
+            tokens_in_flight=local.tokens_in_flight,
+            max_context_tokens=local.max_context_tokens,
+        )
+
+    def reconfigure(
+        self, policy: UpstreamPolicy, *, profiles: Mapping[str, ProfilePolicy], aging_seconds: float, limit: Limit
+    ) -> None:
+        if limit is not self._cap:
+            self._cap = limit
+            self._share.follow(limit)
+        self._profiles, self._aging = dict(profiles), aging_seconds
+        self._local.reconfigure(policy, profiles=profiles, aging_seconds=aging_seconds, limit=self._share)
+        self._kick()
+
+    # -- the cluster part ---------------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> ClusterStatus:
+        return self._link.status
+
+    def start(self) -> None:
+        """Start renewing, listening and granting, in the running loop (the first ``acquire`` does it too)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        for work in (self._link.keep(), self._pump(), self._link.listen()):
+            self._spawn(work)
+
+    async def aclose(self) -> None:
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop = None
+
+    # -- step 2: leases -----------------------------------------------------------------------------------------
+
+    async def _lease(self, lane: LanePolicy, profile: str, enqueued_at: float, deadline: float) -> Lease:
+        assert self._loop is not None
+        want = _Want(lane, profile, enqueued_at, self._loop.create_future())
+        self._wants.append(want)
+        self._kick()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await want.future
+        except BaseException as exc:
+            future = want.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._give_back(future.result())  # granted just as the wait ended: give it back
+            if isinstance(exc, TimeoutError):
+                waited = self._loop.time() - enqueued_at
+                raise DeadlineExceeded(
+                    f"waited {waited:.1f}s in the {lane.name!r} queue of upstream {self.name!r} without a free "
+                    "slot in the cluster (queue deadline passed)",
+                    lane=lane.name,
+                    retry_after=self.retry_after(lane.name),
+                ) from None
+            raise
+        finally:
+            self._wants.remove(want)
+            self._changed()
+
+    def _rank(self, want: _Want, now: float) -> tuple[float, int, float]:
+        return (want.lane.priority - (now - want.enqueued_at) / self._aging, want.lane.priority, want.enqueued_at)
+
+    def _pending(self) -> list[_Want]:
+        assert self._loop is not None
+        now = self._loop.time()
+        return sorted((w for w in self._wants if not w.future.done()), key=lambda w: self._rank(w, now))
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._poll * random.uniform(0.5, 1.5) if self._wants else None):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if self._link.mode == FALLBACK:
+                    self._grant_in_fallback()
+                else:
+                    await self._ask()
+            except Exception:  # the pump must outlive anything: a request waits on it
+                log.exception("upstream %s: the shared gate's pump failed; retrying", self.name)
+
+    async def _ask(self) -> None:
+        assert self._loop is not None
+        pending = self._pending()
+        if not pending:
+            if self._demand:
+                self._demand = False
+                await self._store.clear_demand()
+            return
+        skip_lanes: set[str] = set()
+        skip_profiles: set[str] = set()
+        for want in pending:
+            if want.lane.name in skip_lanes or want.profile in skip_profiles or want.future.done():
+                continue
+            lease = Lease(self._store.member(str(next(self._ids))), want.lane.name, want.profile)
+            cap = self._cap.limit
+            ask = Ask(
+                lease=lease,
+                cap=cap,
+                lane_cap=max(1, cap - want.lane.headroom),
+                profile_cap=self._profiles.get(want.profile, self._default_profile).max_inflight,
+                priority=want.lane.priority,
+                waited_ms=round((self._loop.time() - want.enqueued_at) * 1000),
+                aging_ms=round(self._aging * 1000),
+                demand_ttl_ms=self._demand_ttl_ms,
+            )
+            try:
+                view = await self._store.acquire(ask)
+            except RedisError as exc:
+                self._link.fall_back(f"{GONE}: {exc}")
+                return
+            if view.code == scripts.QUIET:
+                self._demand = True
+                self._link.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
+                self._link.observe(view)
+                return
+            self._link.observe(view)
+            if view.code == scripts.OK:
+                self._held[lease.member] = lease
+                if want.future.done():  # timed out or cancelled while we asked
+                    self._give_back(lease)
+                else:
+                    want.future.set_result(lease)
+            elif view.code == scripts.LANE_FULL:
+                skip_lanes.add(want.lane.name)
+            elif view.code == scripts.PROFILE_FULL:
+                skip_profiles.add(want.profile)
+            else:  # FULL, or YIELD to a better request elsewhere: this one is our demand now
+                self._demand = True
+                return
+        self._demand = False  # none left that could use a slot: the scripts withdrew our demand
+
+    def _grant_in_fallback(self) -> None:
+        allowance = self._share.allowance or 0
+        granted = False
+        for want in self._pending():
+            if len(self._held) >= allowance:
+                break
+            lease = Lease(self._store.member(str(next(self._ids))), want.lane.name, want.profile)
+            self._held[lease.member] = lease
+            want.future.set_result(lease)
+            granted = True
+        if granted:
+            self._link.renew_now.set()  # register it at once if Redis is there (quiet) - else at the recovery
+
+    def _release(self, inner: Permit, lease: Lease, outer: Permit, result: Result) -> None:
+        inner.report_usage(prompt_tokens=outer.prompt_tokens, output_tokens=outer.output_tokens)
+        inner.release(result)
+        self._give_back(lease)
+
+    def _give_back(self, lease: Lease) -> None:
+        if self._held.pop(lease.member, None) is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._spawn(self._release_lease(lease))
+        self._kick()
+
+    async def _release_lease(self, lease: Lease) -> None:
+        with contextlib.suppress(RedisError):  # else it expires within one lease: the keeper no longer renews it
+            await self._store.release(lease)
+        self._kick()
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _held_in(self, key: str, value: str) -> int:
+        return sum(1 for lease in self._held.values() if (lease.lane if key == "lane" else lease.profile) == value)
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _changed(self) -> None:
+        for listener in tuple(self._listeners):
+            listener()

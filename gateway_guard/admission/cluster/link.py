@@ -1,0 +1,152 @@
+"""One replica's standing with Redis for one upstream: shared or in fallback, what it last saw, its renewals.
+
+* ``keep()`` renews every lease the replica holds every lease/3 (upserts: a lease Redis lost comes back, never
+  twice), beats its heart, and reads the cluster-wide counts; in fallback it retries every half second at most.
+* ``listen()`` turns each published release into a wake-up of the gate's pump.
+* ``fall_back(reason)`` restricts the local gate to the static share (``share.py``), logs it once, and marks the
+  replica *recovering* if Redis was gone: its first renewal back starts a quiet period, so that no replica is
+  granted a lease past those the others took in fallback before they too have put them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from gateway_guard.admission.cluster.share import ShareLimit, fallback_share
+from gateway_guard.admission.cluster.store import Counts, Lease, LeaseStore, View
+
+log = logging.getLogger("gateway_guard.cluster")
+
+SHARED, FALLBACK = "shared", "fallback"
+GONE = "Redis unreachable"
+QUIET = "Redis is in a quiet period (restarted, or a replica is back from its fallback)"
+RETRY_SECONDS = 0.5  # the most a replica in fallback waits between two tries
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """For /guard/ready and /metrics: whether the cap is shared now, and who holds what."""
+
+    mode: str  # SHARED or FALLBACK
+    reason: str  # why in fallback ("" when shared)
+    allowance: int | None  # what this replica may hold while in fallback
+    replica: str
+    held: int  # this replica's requests past both steps
+    in_flight: int  # leases cluster-wide, last seen
+    replicas: Mapping[str, int]  # leases per live replica, last seen
+
+    @property
+    def shared(self) -> bool:
+        return self.mode == SHARED
+
+
+class Link:
+    def __init__(
+        self,
+        name: str,
+        store: LeaseStore,
+        share: ShareLimit,
+        held: dict[str, Lease],
+        *,
+        kick: Callable[[], None],
+        changed: Callable[[], None],
+    ) -> None:
+        self.name, self.store, self.share, self.held = name, store, share, held
+        self._kick, self._changed = kick, changed
+        self.mode, self.reason = SHARED, ""
+        self.seen: dict[str, int] | None = None  # leases per live replica at the last look; None: never looked
+        self.total = 0
+        self.counts = Counts(0, {}, {})
+        self.recovering = False
+        self.renew_now = asyncio.Event()
+        self._renew_every = store.lease_ms / 3000
+
+    @property
+    def status(self) -> ClusterStatus:
+        held = len(self.held)
+        return ClusterStatus(
+            self.mode, self.reason, self.share.allowance, self.store.replica, held, max(self.total, held),
+            dict(self.seen or {}),
+        )  # fmt: skip
+
+    async def keep(self) -> None:
+        while True:
+            every = self._renew_every if self.mode == SHARED else min(self._renew_every, RETRY_SECONDS)
+            try:
+                async with asyncio.timeout(every * random.uniform(0.8, 1.0)):
+                    await self.renew_now.wait()
+            except TimeoutError:
+                pass
+            self.renew_now.clear()
+            await self.renew()
+
+    async def renew(self) -> None:
+        recovering = self.mode == FALLBACK and self.recovering
+        try:
+            view = await self.store.renew(list(self.held.values()), recovering=recovering)
+            self.counts = await self.store.counts()
+        except RedisError as exc:
+            self.fall_back(f"{GONE}: {exc}")
+            return
+        self.recovering = False
+        if view.code == 1:
+            self.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
+            self.observe(view)
+        elif self.mode == FALLBACK:
+            self.mode, self.reason = SHARED, ""
+            self.observe(view)
+            self.share.restrict(None)
+            log.warning("upstream %s: back on the shared gate (replica %s)", self.name, self.store.replica)
+            self._kick()
+        else:
+            self.observe(view)
+        self._changed()
+
+    def fall_back(self, reason: str) -> None:
+        cap = self.share.inner.limit
+        seen = None if self.seen is None else {**self.seen, self.store.replica: len(self.held)}
+        allowance = fallback_share(cap, self.store.replica, seen)
+        if self.mode != FALLBACK:
+            self.renew_now.set()  # try Redis again soon (then every RETRY_SECONDS at most)
+            log.warning(
+                "upstream %s: shared gate unavailable (%s); replica %s falls back to %d of the cap %d",
+                self.name, reason, self.store.replica, allowance, cap,
+            )  # fmt: skip
+        self.mode, self.reason = FALLBACK, reason
+        if reason.startswith(GONE):
+            self.recovering = True  # what we grant now, Redis learns only when back: hold the others till then
+        self.share.restrict(allowance)
+        self._kick()
+        self._changed()
+
+    def observe(self, view: View) -> None:
+        """In fallback a view may be partial (a restarted server knows only the replicas back so far): keep the
+        most each replica was seen holding, until the shared gate is back."""
+        seen = dict(view.per_replica)
+        self.total = view.total
+        if self.mode == FALLBACK:
+            if self.seen is None:  # a replica that never saw the whole cluster learns nothing from a part
+                return
+            seen = {r: max(self.seen.get(r, 0), seen.get(r, 0)) for r in set(seen) | set(self.seen)}
+        self.seen = seen
+
+    async def listen(self) -> None:
+        while True:
+            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.store.channel)
+                while True:
+                    if await pubsub.get_message(timeout=1.0) is not None:
+                        self._kick()
+            except (RedisError, OSError):
+                await asyncio.sleep(random.uniform(0.5, 1.0))  # the poll covers the gap; the keeper notices
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

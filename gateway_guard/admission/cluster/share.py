@@ -1,0 +1,99 @@
+"""What a replica may hold while the shared gate cannot be used (Redis gone, or just restarted and quiet).
+
+``fallback_share`` is the static share: the cap divided among the replicas last seen alive (the remainder to the
+first ones by id, so the shares add up to the cap), less whatever the others held beyond their own share when
+last seen (they keep those requests, and will not admit more until they are back under their share). A replica
+that never reached Redis knows nobody's holdings and admits nothing: it never fails open.
+
+``ShareLimit`` is the limit the replica's local gate enforces: the real cap while shared, the share in fallback.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+
+from gateway_guard.admission.limit import Limit, LimitChange
+from gateway_guard.admission.policy import Result
+from gateway_guard.upstream.saturation import Saturation
+
+
+def shares(cap: int, replicas: list[str]) -> dict[str, int]:
+    base, extra = divmod(cap, len(replicas))
+    return {r: base + (1 if i < extra else 0) for i, r in enumerate(sorted(replicas))}
+
+
+def fallback_share(cap: int, me: str, seen: Mapping[str, int] | None) -> int:
+    """``seen``: leases per replica (live ones, 0 included) at the last look; ``None`` if never looked."""
+    if seen is None:
+        return 0
+    everyone = sorted(set(seen) | {me})
+    share = shares(cap, everyone)
+    others = sum(max(share[r], seen.get(r, 0)) for r in everyone if r != me)
+    return max(0, min(share[me], cap - others))
+
+
+class ShareLimit:
+    """A ``Limit`` around the real one: the same cap, or at most ``allowance`` while one is set."""
+
+    def __init__(self, inner: Limit) -> None:
+        self.allowance: int | None = None
+        self._listeners: list[Callable[[int], None]] = []
+        self.follow(inner)
+
+    def follow(self, inner: Limit) -> None:
+        """Wrap ``inner`` from now on (a reload replaced the limit); the old one no longer speaks for us."""
+        self.inner = inner
+
+        def changed(_new: int) -> None:
+            if self.inner is inner:
+                self._notify()
+
+        inner.subscribe(changed)
+        self._notify()
+
+    @property
+    def reason(self) -> str:
+        if self.allowance is not None:
+            return f"fallback share of the cap ({self.allowance}); {self.inner.reason}"
+        return self.inner.reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        self.inner.reason = value
+
+    @property
+    def history(self) -> deque[LimitChange]:
+        return self.inner.history
+
+    @history.setter
+    def history(self, value: deque[LimitChange]) -> None:
+        self.inner.history = value
+
+    @property
+    def limit(self) -> int:
+        cap = self.inner.limit
+        return cap if self.allowance is None else min(cap, self.allowance)
+
+    def restrict(self, allowance: int | None) -> None:
+        if allowance != self.allowance:
+            self.allowance = allowance
+            self._notify()
+
+    def on_sample(
+        self, *, rtt: float, in_flight: int, result: Result, output_tokens: int | None = None, blocked: bool = False
+    ) -> None:
+        self.inner.on_sample(rtt=rtt, in_flight=in_flight, result=result, output_tokens=output_tokens, blocked=blocked)
+
+    def on_saturation(self, sat: Saturation, *, in_flight: int) -> None:
+        self.inner.on_saturation(sat, in_flight=in_flight)
+
+    def set(self, limit: int, reason: str = "set by operator") -> None:
+        self.inner.set(limit, reason)
+
+    def subscribe(self, listener: Callable[[int], None]) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in tuple(self._listeners):
+            listener(self.limit)
