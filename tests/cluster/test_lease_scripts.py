@@ -274,7 +274,7 @@ class LeaseMachine(RuleBasedStateMachine):
             counts = self.run(self.stores["r0"].counts())
             assert counts.total == 0
             left = {k.decode() for k in self.run(self._keys())}
-            allowed = {f"{self.prefix}:{suffix}" for suffix in ("epoch", "quiet", "replicas", "demand")}
+            allowed = {f"{self.prefix}:{suffix}" for suffix in ("epoch", "quiet", "replicas", "demand", "queued")}
             assert left <= allowed, f"leaked keys: {sorted(left - allowed)}"
         finally:
             self.run(self.redis.aclose())

@@ -98,7 +98,9 @@ class ClusterGate:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
-        self._link = Link(name, store, self._share, self._held, kick=self._kick, changed=self._changed)
+        self._link = Link(
+            name, store, self._share, self._held, queued=self._queued, kick=self._kick, changed=self._changed
+        )
         self._local.watch(self._changed)
 
     # -- the AdmissionGate surface ------------------------------------------------------------------------------
@@ -180,7 +182,8 @@ class ClusterGate:
             waiting[want.lane.name] = waiting.get(want.lane.name, 0) + 1
             waiting_profiles[want.profile] = waiting_profiles.get(want.profile, 0) + 1
         in_flight = max(self._link.counts.total, self._link.total, len(self._held))
-        queued = local.queued + len(self._wants)
+        me = self._store.replica
+        queued = local.queued + len(self._wants) + sum(n for r, n in self._link.counts.queued.items() if r != me)
         open_slots = max(0, limit - in_flight)
         lanes = {}
         for name, view in local.lanes.items():
@@ -370,6 +373,9 @@ class ClusterGate:
         self._kick()
 
     # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _queued(self) -> int:
+        return self._local.snapshot().queued + len(self._wants)
 
     def _held_in(self, key: str, value: str) -> int:
         return sum(1 for lease in self._held.values() if (lease.lane if key == "lane" else lease.profile) == value)

@@ -55,11 +55,12 @@ class Link:
         share: ShareLimit,
         held: dict[str, Lease],
         *,
+        queued: Callable[[], int],
         kick: Callable[[], None],
         changed: Callable[[], None],
     ) -> None:
         self.name, self.store, self.share, self.held = name, store, share, held
-        self._kick, self._changed = kick, changed
+        self._queued, self._kick, self._changed = queued, kick, changed
         self.mode, self.reason = SHARED, ""
         self.seen: dict[str, int] | None = None  # leases per live replica at the last look; None: never looked
         self.total = 0
@@ -90,7 +91,7 @@ class Link:
     async def renew(self) -> None:
         recovering = self.mode == FALLBACK and self.recovering
         try:
-            view = await self.store.renew(list(self.held.values()), recovering=recovering)
+            view = await self.store.renew(list(self.held.values()), recovering=recovering, queued=self._queued())
             self.counts = await self.store.counts()
         except RedisError as exc:
             self.fall_back(f"{GONE}: {exc}")

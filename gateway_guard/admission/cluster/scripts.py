@@ -6,6 +6,7 @@ Keys of one upstream share the prefix ``gg:{<upstream>}`` (one hash tag, so one 
 * ``:info``     hash, member -> ``<lane>\\n<profile>`` (to keep the indexes right when a lease expires)
 * ``:lane:<l>`` and ``:prof:<p>``  sets of members: per-lane and per-profile indexes of ``:leases``
 * ``:replicas`` sorted set, replica id -> heartbeat expiry (ms): who was alive lately
+* ``:queued``   hash, replica id -> ``<requests waiting>|<expiry ms>`` (for the cluster-wide capacity view)
 * ``:demand``   hash, replica id -> ``<priority>|<enqueued ms>|<lane>|<lane cap>|<expiry ms>``: its best waiter
 * ``:epoch``    set once; missing means a fresh (restarted, empty) server
 * ``:quiet``    for one lease after a fresh start: no new leases, only renewals, so that every replica re-registers
@@ -131,11 +132,11 @@ return removed
 """
 )
 
-# ARGV: prefix, replica, lease_ms, recovering (1/0), then (member, lane, profile) triples: every lease the replica
-# holds now. Upserts them (a lease that expired or that a restarted server lost is put back: the request still
-# runs) and records the heartbeat. A replica back from its fallback starts a quiet period (unless one runs), so
-# that no lease is granted past the ones the others took in fallback before they too have put them back.
-# -> {quiet (1/0), leases in total, replica, count, ...}
+# ARGV: prefix, replica, lease_ms, recovering (1/0), queued (its requests waiting), then (member, lane, profile)
+# triples: every lease the replica holds now. Upserts them (a lease that expired, or that a restarted server lost,
+# is put back: the request still runs) and records the heartbeat. A replica back from its fallback starts a quiet
+# period (unless one runs), so that no lease is granted past the ones the others took in fallback before they too
+# have put them back. -> {quiet (1/0), leases in total, replica, count, ...}
 RENEW = (
     _COMMON
     + r"""
@@ -144,8 +145,9 @@ local now = now_ms()
 if ARGV[4] == '1' then redis.call('SET', p .. ':quiet', '1', 'PX', lease, 'NX') end
 local quiet = boot(now, lease)
 purge(now)
-for i = 5, #ARGV, 3 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + lease) end
+for i = 6, #ARGV, 3 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + lease) end
 redis.call('ZADD', p .. ':replicas', now + 3 * lease, replica)
+redis.call('HSET', p .. ':queued', replica, ARGV[5] .. '|' .. (now + 3 * lease))
 local out = view(quiet)
 return out
 """
@@ -156,8 +158,7 @@ CLEAR_DEMAND = r"""
 return redis.call('HDEL', ARGV[1] .. ':demand', ARGV[2])
 """
 
-# ARGV: prefix, lane names... -> {leases in total, lane, count, ...} after purging; and profile counts
-# returned as a second list: {total, {lane, count, ...}, {profile, count, ...}}
+# ARGV: prefix -> {leases in total, {lane, count, ...}, {profile, count, ...}, {replica, queued, ...}}
 GLOBAL_VIEW = (
     _COMMON
     + r"""
@@ -172,6 +173,16 @@ for _, info in ipairs(redis.call('HVALS', p .. ':info')) do
 end
 for k, v in pairs(seen_lane) do lanes[#lanes + 1] = k; lanes[#lanes + 1] = v end
 for k, v in pairs(seen_prof) do profiles[#profiles + 1] = k; profiles[#profiles + 1] = v end
-return {redis.call('ZCARD', p .. ':leases'), lanes, profiles}
+local queued = {}
+local q = redis.call('HGETALL', p .. ':queued')
+for i = 1, #q, 2 do
+  local n, expiry = string.match(q[i + 1], '^(.-)|(.*)$')
+  if tonumber(expiry) <= now then
+    redis.call('HDEL', p .. ':queued', q[i])
+  else
+    queued[#queued + 1] = q[i]; queued[#queued + 1] = tonumber(n)
+  end
+end
+return {redis.call('ZCARD', p .. ':leases'), lanes, profiles, queued}
 """
 )

@@ -35,9 +35,12 @@ class View:
 
 @dataclass(frozen=True, slots=True)
 class Counts:
+    """Cluster-wide: leases in total, per lane and per profile; requests waiting per live replica."""
+
     total: int
     lanes: Mapping[str, int]
     profiles: Mapping[str, int]
+    queued: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,10 +119,10 @@ class LeaseStore:
         removed = await self._release(args=[self.prefix, self.channel, lease.member, lease.lane, lease.profile])
         return bool(removed)
 
-    async def renew(self, leases: Iterable[Lease], *, recovering: bool = False) -> View:
+    async def renew(self, leases: Iterable[Lease], *, recovering: bool = False, queued: int = 0) -> View:
         """Upsert every lease held now (put back any that expired or were lost) and beat the heart; ``recovering``
         (back from the fallback) starts a quiet period. ``View.code`` is 1 while the server is quiet."""
-        args: list[str | int] = [self.prefix, self.replica, self.lease_ms, int(recovering)]
+        args: list[str | int] = [self.prefix, self.replica, self.lease_ms, int(recovering), queued]
         for lease in leases:
             args += [lease.member, lease.lane, lease.profile]
         return _view(await self._renew(args=args))
@@ -129,4 +132,4 @@ class LeaseStore:
 
     async def counts(self) -> Counts:
         raw = await self._global(args=[self.prefix])
-        return Counts(int(raw[0]), _pairs(raw[1]), _pairs(raw[2]))
+        return Counts(int(raw[0]), _pairs(raw[1]), _pairs(raw[2]), _pairs(raw[3]))
