@@ -14,7 +14,6 @@ from gateway_guard.upstream.h1 import H1Client, H1Response
 from gateway_guard.upstream.headers import upstream_request_headers
 
 READY_PATHS = ("/health", "/v1/models", "/api/tags")
-STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class UpstreamResponse:
@@ -120,13 +119,10 @@ class Upstream:
         request = self._request(
             method, path, query, upstream_request_headers(headers, self.settings.api_key), body, None
         )
+        # Sent once: httpcore itself drops a pooled connection that has turned readable (closed by the server)
+        # before writing on it; after the write, the server may have started on the request (docs/upstream-client.md).
         with map_httpx_errors(self.name, self.settings.read_timeout):
-            try:
-                response = await self._transport.handle_async_request(request)
-            except STALE_CONNECTION:
-                # Closed before a single byte of the response: a pooled keep-alive connection the server had
-                # just dropped. Nothing was generated; try once more on a fresh connection.
-                response = await self._transport.handle_async_request(request)
+            response = await self._transport.handle_async_request(request)
         return UpstreamResponse(response, self)
 
     async def get_text(self, path: str, *, timeout: float = 2.0) -> tuple[int, str]:

@@ -10,6 +10,19 @@ import httpx
 from gateway_guard.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 
+class UpstreamProtocolError(UpstreamError):
+    """The answer broke HTTP/1.1 (a 101, a status outside 100..599, a malformed status line, conflicting
+    Content-Length, headers over the size bound): a 502, and the connection is never reused."""
+
+    code = "upstream_protocol_error"
+
+
+class UpstreamClosedEarly(UpstreamError):
+    """The server closed or reset the connection after the request was written, before a single byte of its
+    answer. It may have started on the request, so the request is not sent again: a 502. To the caller this is
+    also a sign that the server may have gone away (a restart)."""
+
+
 # One wording for both clients (httpx's errors mapped below, and upstream/h1.py's own).
 def connect_timeout_error(upstream: str) -> UpstreamUnavailable:
     return UpstreamUnavailable(f"upstream {upstream!r} did not accept the connection in time")
@@ -23,6 +36,10 @@ def read_timeout_error(upstream: str, read_timeout: float) -> UpstreamTimeout:
     return UpstreamTimeout(f"upstream {upstream!r} sent nothing for {read_timeout:g}s (timed out)")
 
 
+def header_timeout_error(upstream: str, read_timeout: float) -> UpstreamTimeout:
+    return UpstreamTimeout(f"upstream {upstream!r} did not finish its response headers within {read_timeout:g}s")
+
+
 def closed_error(upstream: str) -> UpstreamError:
     return UpstreamError(f"upstream {upstream!r} closed the connection before the response was complete")
 
@@ -31,9 +48,15 @@ def reset_error(upstream: str) -> UpstreamError:
     return UpstreamError(f"upstream {upstream!r} connection failed while transferring (reset)")
 
 
-def protocol_error(upstream: str) -> UpstreamError:
-    return UpstreamError(f"upstream {upstream!r} transport error: RemoteProtocolError")
+def closed_early_error(upstream: str, *, reset: bool) -> UpstreamClosedEarly:
+    how = "reset" if reset else "closed"
+    return UpstreamClosedEarly(
+        f"upstream {upstream!r} {how} the connection before answering; not sent again (it may have started on it)"
+    )
 
+
+def protocol_error(upstream: str, detail: str = "RemoteProtocolError") -> UpstreamProtocolError:
+    return UpstreamProtocolError(f"upstream {upstream!r} transport error: {detail}")
 
 
 @contextmanager

@@ -1,11 +1,27 @@
 """A small keep-alive HTTP/1.1 client for plain-http upstreams: an asyncio Protocol per connection, responses
-parsed by httptools (C), a LIFO pool of idle connections per upstream. Raises only the guard's own errors."""
+parsed by httptools (C), a LIFO pool of idle connections per upstream. Raises only the guard's own errors.
+
+Rules (docs/upstream-client.md):
+
+* A request is written once. It goes on a pooled connection only after that connection was checked, just before
+  the write, to be still open and silent (no EOF, reset or stray bytes pending on the socket); a dead one is
+  dropped and the next (or a fresh) one taken. Once written, a close or reset before the first byte of the
+  answer is an ``UpstreamClosedEarly`` (502): the server may have started on it, so it is never sent again.
+* A 101, any status outside 100..599, a malformed status line, conflicting (or any duplicate) Content-Length,
+  and response headers over ``MAX_HEADER_BYTES`` are an ``UpstreamProtocolError`` (502). Other 1xx interim
+  answers (100, 102, 103) are skipped.
+* The status line and headers must all have arrived within ``read_timeout`` of the write (a server dripping
+  header bytes cannot hold a request forever); after them, ``read_timeout`` is the longest silence allowed.
+* A body without Content-Length or chunked framing ends when the server closes the connection (HTTP/1.0, or
+  ``Connection: close``): a clean close ends it, a reset is an error, and such a connection is never reused.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
+import select
 import socket
 import time
 from collections import deque
@@ -17,9 +33,11 @@ import httptools
 
 from gateway_guard.errors import UpstreamError
 from gateway_guard.upstream.errors import (
+    closed_early_error,
     closed_error,
     connect_error,
     connect_timeout_error,
+    header_timeout_error,
     protocol_error,
     read_timeout_error,
     reset_error,
@@ -29,6 +47,7 @@ IDLE_EXPIRY = 2.0  # servers close idle keep-alive connections (llama.cpp's cpp-
 MAX_IDLE = 64
 HIGH_WATER = 64 * 1024  # bytes read ahead of the consumer before the socket is paused
 LOW_WATER = 16 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # status line + headers (+ any interim 1xx answers) of one response
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f#]")
 
 
@@ -40,7 +59,8 @@ class _Closed(Exception):
 
 
 class _BadResponse(Exception):
-    pass
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
 
 
 class _Connection(asyncio.Protocol):
@@ -50,11 +70,11 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._lost_reset = False
         self._active = False
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._fd = -1
         self.idle_since = 0.0
         self._reset_message()
 
@@ -62,6 +82,9 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self._head_bytes = 0  # bytes received before the headers were complete (a bound for dripping heads)
+        self._head_size = 0  # bytes of the headers parsed (a bound for heads that arrive in one read)
+        self._until_close = False
         self.status = 0
         self.keep_alive = False
         self.complete = False
@@ -77,20 +100,23 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
         sock = transport.get_extra_info("socket")
         if sock is not None:
+            self._fd = sock.fileno()
             with contextlib.suppress(OSError):  # not a TCP socket
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         if not self._active or self.complete:  # bytes nobody asked for: the connection cannot be trusted
-            self.error = _BadResponse()
-            self.close()
+            self._fail("bytes outside any response")
             return
         self.got_bytes = True
+        if not self.headers_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.error = _BadResponse()
-            self.close()
+        except httptools.HttpParserError as exc:
+            self._fail(str(exc) or type(exc).__name__)
+        if not self.headers_done and self._head_bytes > MAX_HEADER_BYTES:
+            self._fail(f"response headers over {MAX_HEADER_BYTES} bytes")
         if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -101,22 +127,44 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if exc is not None:
-            self._lost_reset = True
         if self._active and not self.complete and self.error is None:
-            self.error = _Closed(reset=exc is not None)
+            if exc is None and self.headers_done and self._until_close:
+                self.complete = True  # the body was delimited by the close (keep_alive stays False)
+            else:
+                self.error = _Closed(reset=exc is not None)
         self._wake()
+
+    def _fail(self, detail: str) -> None:
+        if self.error is None:
+            self.error = _BadResponse(detail)
+        self.close()
 
     # -- httptools callbacks ---------------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request, in the same read: the connection cannot be trusted
+            self._fail("bytes outside any response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # interim response: the real one follows
+        if status == 101 or not 100 <= status <= 599:
+            self._fail(f"status {status} is not an answer a proxy can relay")
+            return
+        if self._head_size > MAX_HEADER_BYTES:
+            self._fail(f"response headers over {MAX_HEADER_BYTES} bytes")
+            return
+        if status < 200:  # interim response (100, 102, 103): the real one follows
             self.headers = []
             return
+        framed = False
+        for name, _ in self.headers:
+            low = name.lower()
+            framed = framed or low == b"content-length" or low == b"transfer-encoding"
+        self._until_close = not framed
         self.status = status
         self.headers_done = True
 
@@ -125,7 +173,7 @@ class _Connection(asyncio.Protocol):
         self.buffered += len(body)
 
     def on_message_complete(self) -> None:
-        if not self.headers_done:
+        if not self.headers_done or self.error is not None:
             return
         self.keep_alive = self._parser.should_keep_alive()
         self.complete = True
@@ -153,6 +201,20 @@ class _Connection(asyncio.Protocol):
         self._active = True
         assert self.transport is not None
         self.transport.write(data)
+
+    def reusable(self) -> bool:
+        """Still open and silent: no EOF, reset or stray bytes waiting on the socket (checked just before a write,
+        so a connection the server dropped while it sat idle is never written to)."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        if self._fd < 0:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(self._fd, select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
 
     def take(self) -> bytes:
         chunk = self.body.popleft()
@@ -232,6 +294,8 @@ class H1Response:
 def _mapped(upstream: str, error: Exception) -> UpstreamError:
     if isinstance(error, _Closed):
         return reset_error(upstream) if error.reset else closed_error(upstream)
+    if isinstance(error, _BadResponse):
+        return protocol_error(upstream, error.detail)
     return protocol_error(upstream)
 
 
@@ -265,13 +329,14 @@ class H1Client:
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # LIFO: the most recently used is the least likely to have been dropped
-            if conn.closed or now - conn.idle_since > IDLE_EXPIRY:
+            if now - conn.idle_since > IDLE_EXPIRY:
                 conn.close()
-                # the rest are older still
-                while idle:
+                while idle:  # the rest are older still
                     idle.pop().close()
                 return None
-            return conn
+            if conn.reusable():
+                return conn
+            conn.close()  # dropped by the server while idle: nothing was written on it
         return None
 
     def release(self, conn: _Connection) -> None:
@@ -312,34 +377,37 @@ class H1Client:
             data = self._head(method, target, headers, body) + body
         except UnicodeEncodeError:
             raise UpstreamError(f"upstream {self.name!r} transport error: header not latin-1") from None
-        for attempt in (1, 2):
-            conn = self._checkout() if attempt == 1 else None  # the retry goes on a fresh connection
-            if conn is None:
-                conn = await self._connect(self._connect_timeout if connect_timeout is None else connect_timeout)
-            try:
-                conn.start(data)
-                while not conn.headers_done:
-                    if conn.error is not None:
-                        raise conn.error
-                    await conn.wait(read_timeout)
-            except _Closed as exc:
-                conn.close()
-                if attempt == 1 and not conn.got_bytes:
-                    # Closed before a single byte of the response: most likely a keep-alive connection the server
-                    # had just dropped. Nothing was generated; try once more on a fresh connection.
-                    continue
-                raise _mapped(self.name, exc) from None
-            except TimeoutError:
-                conn.close()
-                raise read_timeout_error(self.name, read_timeout) from None
-            except _BadResponse:
-                conn.close()
-                raise protocol_error(self.name) from None
-            except BaseException:  # cancelled: the request may be running upstream; closing stops it
-                conn.close()
-                raise
-            return H1Response(self, conn, read_timeout, method == "HEAD")
-        raise AssertionError("unreachable")  # pragma: no cover
+        conn = self._checkout()
+        if conn is None:
+            conn = await self._connect(self._connect_timeout if connect_timeout is None else connect_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + read_timeout
+        try:
+            conn.start(data)  # the only write of this request: from here on it may be running upstream
+            while not conn.headers_done:
+                if conn.error is not None:
+                    raise conn.error
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                await conn.wait(left)
+        except _Closed as exc:
+            conn.close()
+            if not conn.got_bytes:
+                raise closed_early_error(self.name, reset=exc.reset) from None
+            raise _mapped(self.name, exc) from None
+        except TimeoutError:
+            conn.close()
+            if conn.got_bytes:  # some header bytes, never all of them
+                raise header_timeout_error(self.name, read_timeout) from None
+            raise read_timeout_error(self.name, read_timeout) from None
+        except _BadResponse as exc:
+            conn.close()
+            raise protocol_error(self.name, exc.detail) from None
+        except BaseException:  # cancelled: the request may be running upstream; closing stops it
+            conn.close()
+            raise
+        return H1Response(self, conn, read_timeout, method == "HEAD")
 
     async def aclose(self) -> None:
         while self._idle:

@@ -1,0 +1,95 @@
+"""A scripted upstream on a raw 127.0.0.1 socket: it sends exactly the bytes a test writes, and counts the
+connections it accepted and the requests it read whole (so a test can tell whether a request was sent twice).
+
+    upstream = ScriptedUpstream(handler)           # handler(upstream, reader, writer), one call per connection
+    async with upstream.client(read_timeout=5) as up:   # an ``Upstream`` (the production h1 client) aimed at it
+        ...
+
+``handler`` reads with ``await upstream.read_request(reader)`` and answers with ``writer.write(...)``; ``abort(writer)``
+resets the connection (RST) instead of closing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from gateway_guard.settings import UpstreamSettings
+from gateway_guard.upstream.client import Upstream
+
+Handler = Callable[["ScriptedUpstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def abort(writer: asyncio.StreamWriter) -> None:
+    """Reset the connection: SO_LINGER 0, then close, so the peer gets an RST rather than a FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class ScriptedUpstream:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.request_seen = asyncio.Event()
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(self, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        """One whole request (head + Content-Length body), counted."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        self.request_seen.set()
+        return request
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = server
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            yield self.url
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def client(self, **settings: Any) -> AsyncIterator[Upstream]:
+        async with self.serving() as url:
+            up = Upstream(UpstreamSettings(name="u", url=url, **settings))
+            try:
+                yield up
+            finally:
+                await up.aclose()
+
+
+async def read_all(up: Upstream, path: str = "/v1/x", body: bytes = b"{}") -> tuple[int, bytes]:
+    """POST, read the whole body, close; (status, body)."""
+    response = await up.send("POST", path, b"", [("content-type", "application/json")], body)
+    try:
+        data = b"".join([chunk async for chunk in response.chunks()])
+    finally:
+        await response.aclose()
+    return response.status, data
