@@ -14,8 +14,19 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from gateway_guard.admission.gate import LanePolicy, ProfilePolicy
-from gateway_guard.admission.rate import RatePolicy
+from gateway_guard.admission.policy import (
+    AdaptiveLimitSpec,
+    BudgetSpec,
+    FixedLimitSpec,
+    LanePolicy,
+    LimitSpec,
+    Policy,
+    ProbeSpec,
+    ProfilePolicy,
+    RatePolicy,
+    Routing,
+    UpstreamPolicy,
+)
 from gateway_guard.errors import ConfigError
 
 ENV_PREFIX = "GUARD__"
@@ -30,7 +41,7 @@ DEFAULT_LANES: dict[str, dict[str, Any]] = {
 }
 LIMIT_MODES = ("fixed", "adaptive")
 PROBES = ("auto", "llamacpp", "vllm", "ollama", "off")
-ADAPTIVE_KEYS = ("floor", "ceiling", "probe", "probe_interval")
+ADAPTIVE_KEYS = ("floor", "ceiling")
 RATE_KEYS = ("requests_per_minute", "tokens_per_minute")
 
 
@@ -44,13 +55,15 @@ class UpstreamSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     lanes: dict[str, LanePolicy] = field(default_factory=dict)
-    limit: str = "fixed"  # or "adaptive": moves between floor and ceiling (starts at the ceiling)
-    floor: int = 1
-    ceiling: int = 4
-    probe: str = "auto"
-    probe_interval: float = 2.0
-    max_context_tokens: int | None = None  # token budget: context tokens in flight (KV cache)
-    default_output_tokens: int = 512  # a profile's output estimate until it has a history
+    # fixed at max_inflight, or adaptive: moves between floor and ceiling (starts at the ceiling)
+    limit: LimitSpec = field(default_factory=lambda: FixedLimitSpec(value=4))
+    probe: ProbeSpec | None = field(default_factory=ProbeSpec)  # how its own load is read; None: probe = "off"
+    budget: BudgetSpec | None = None  # token budget: context tokens in flight (KV cache)
+
+    def policy(self) -> UpstreamPolicy:
+        return UpstreamPolicy(
+            name=self.name, limit=self.limit, lanes=self.lanes, budget=self.budget, probe=self.probe, models=self.models
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +103,31 @@ class Settings:
     @property
     def default_upstream(self) -> UpstreamSettings:
         return next(iter(self.upstreams.values()))
+
+    def compile(self) -> Policy:
+        """The immutable policy the guard enforces (``GuardState.apply``): built once per config read."""
+        lanes: set[str] = set()
+        for up in self.upstreams.values():
+            lanes |= set(up.lanes)
+        routing = Routing(
+            upstreams=tuple(self.upstreams),
+            lanes=frozenset(lanes),
+            keys=dict(self.keys),
+            profile_lane={n: p.lane for n, p in self.profiles.items() if p.lane is not None},
+            profile_upstream={n: p.upstream for n, p in self.profiles.items() if p.upstream is not None},
+            model_owner={m: up.name for up in self.upstreams.values() for m in up.models},
+            all_models_listed=all(up.models for up in self.upstreams.values()),
+            default_lane=self.server.default_lane,
+            lane_header=self.server.lane_header,
+        )
+        return Policy(
+            upstreams={name: up.policy() for name, up in self.upstreams.items()},
+            profiles={name: p.policy() for name, p in self.profiles.items()},
+            routing=routing,
+            lane_rates=self.lane_rates,
+            profile_rates={name: p.rate for name, p in self.profiles.items() if p.rate != RatePolicy()},
+            aging_seconds=self.server.aging_seconds,
+        )
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -316,6 +354,18 @@ def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy], env: Map
     probe = t.get("probe", str, "auto")
     if probe not in PROBES:
         raise ConfigError(t.key("probe"), f"must be one of {', '.join(PROBES)}", probe)
+    limit: LimitSpec = (
+        AdaptiveLimitSpec(floor=floor, ceiling=ceiling) if mode == "adaptive" else FixedLimitSpec(value=cap)
+    )
+    interval = t.seconds("probe_interval", 2.0)
+    probe_spec = None if probe == "off" else ProbeSpec(kind=probe, interval=interval)
+    max_context = t.positive_int("max_context_tokens", None)
+    default_output = t.positive_int("default_output_tokens", 512) or 512
+    budget = (
+        None
+        if max_context is None
+        else BudgetSpec(max_context_tokens=max_context, default_output_tokens=default_output)
+    )
     up = UpstreamSettings(
         name=name,
         url=url.rstrip("/"),
@@ -325,13 +375,9 @@ def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy], env: Map
         connect_timeout=t.seconds("connect_timeout", 5.0),
         read_timeout=t.seconds("read_timeout", 600.0),
         lanes=lane_over,
-        limit=mode,
-        floor=floor,
-        ceiling=ceiling,
-        probe=probe,
-        probe_interval=t.seconds("probe_interval", 2.0),
-        max_context_tokens=t.positive_int("max_context_tokens", None),
-        default_output_tokens=t.positive_int("default_output_tokens", 512) or 512,
+        limit=limit,
+        probe=probe_spec,
+        budget=budget,
     )
     t.done()
     return up

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway_guard.admission.rate import RatePolicy
+from gateway_guard.admission.policy import AdaptiveLimitSpec, BudgetSpec, FixedLimitSpec, ProbeSpec, RatePolicy
 from gateway_guard.errors import ConfigError
 from gateway_guard.settings import load_settings, parse_settings
 
@@ -59,21 +59,24 @@ def test_a_bad_value_is_refused_naming_its_key(sections: dict[str, Any], key: st
 
 def test_adaptive_defaults_and_bounds() -> None:
     up = parse(upstreams={"gpu": {**UP, "limit": "adaptive", "ceiling": 16, "probe_interval": 0.5}}).upstreams["gpu"]
-    assert (up.limit, up.floor, up.ceiling, up.probe, up.probe_interval) == ("adaptive", 1, 16, "auto", 0.5)
+    assert up.limit == AdaptiveLimitSpec(floor=1, ceiling=16)
+    assert up.probe == ProbeSpec(kind="auto", interval=0.5)
     fixed = parse(upstreams={"gpu": {**UP, "max_inflight": 6}}).upstreams["gpu"]
-    assert (fixed.limit, fixed.ceiling) == ("fixed", 6)
+    assert fixed.limit == FixedLimitSpec(value=6)
+    assert parse(upstreams={"gpu": {**UP, "limit": "adaptive", "probe": "off"}}).upstreams["gpu"].probe is None
 
 
 def test_token_budget_keys() -> None:
     up = parse(upstreams={"gpu": {**UP, "max_context_tokens": 32768, "default_output_tokens": 300}}).upstreams["gpu"]
-    assert (up.max_context_tokens, up.default_output_tokens) == (32768, 300)
-    assert parse().upstreams["gpu"].max_context_tokens is None
+    assert up.budget == BudgetSpec(max_context_tokens=32768, default_output_tokens=300)
+    assert parse().upstreams["gpu"].budget is None
 
 
 def test_the_example_config_parses() -> None:
     path = Path(__file__).resolve().parents[1] / "config" / "guard.limits.example.toml"
     s = load_settings(path, environ={})
     up = s.upstreams["gpu"]
-    assert (up.limit, up.ceiling, up.max_context_tokens) == ("adaptive", 16, 32768)
+    assert up.limit == AdaptiveLimitSpec(floor=1, ceiling=16) and up.budget is not None
+    assert up.budget.max_context_tokens == 32768
     assert s.lane_rates["batch"].tokens_per_minute == 600000
     assert s.profiles["reasoning"].rate.requests_per_minute == 20

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway_guard.admission.policy import BudgetSpec
+
 ALPHA = 0.2
 RATIO_BOUNDS = (0.05, 4.0)
 
@@ -75,3 +77,9 @@ class TokenBudget:
         if prompt_tokens and prompt_estimate > 0:
             ratio = min(RATIO_BOUNDS[1], max(RATIO_BOUNDS[0], prompt_tokens / prompt_estimate))
             learnt.prompt_ratio += ALPHA * (ratio - learnt.prompt_ratio)
+
+
+def build_budget(spec: BudgetSpec | None) -> TokenBudget | None:
+    if spec is None:
+        return None
+    return TokenBudget(spec.max_context_tokens, default_output=spec.default_output_tokens)

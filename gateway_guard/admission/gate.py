@@ -22,18 +22,20 @@ never grants past the limit. Pure asyncio, no HTTP; time is ``loop.time()`` so t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway_guard.admission.budget import TokenBudget
-from gateway_guard.admission.lanes import LanePolicy as LanePolicy
+from gateway_guard.admission.budget import TokenBudget, build_budget
 from gateway_guard.admission.lanes import LaneQueue as _LaneQueue
-from gateway_guard.admission.lanes import ProfilePolicy as ProfilePolicy
 from gateway_guard.admission.lanes import Waiter as _Waiter
 from gateway_guard.admission.limit import Limit
 from gateway_guard.admission.permit import Permit as Permit
+from gateway_guard.admission.policy import LanePolicy as LanePolicy
+from gateway_guard.admission.policy import ProfilePolicy as ProfilePolicy
+from gateway_guard.admission.policy import Result, UpstreamPolicy
 from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane
+from gateway_guard.upstream.saturation import Saturation
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +67,28 @@ class AdmissionGate(Protocol):
 
     name: str
 
+    @property
+    def limit_source(self) -> Limit: ...
+
     async def acquire(
         self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
     ) -> Permit: ...
 
     def queue_timeout(self, lane: str) -> float: ...
 
+    def retry_after(self, lane: str) -> float: ...
+
     def snapshot(self) -> GateSnapshot: ...
 
     def lane_names(self) -> Iterable[str]: ...
+
+    def reconfigure(
+        self, policy: UpstreamPolicy, *, profiles: Mapping[str, ProfilePolicy], aging_seconds: float, limit: Limit
+    ) -> None: ...
+
+    def on_saturation(self, sat: Saturation) -> None: ...
+
+    def watch(self, listener: Callable[[], None]) -> Callable[[], None]: ...
 
 
 class Gate:
@@ -105,6 +120,7 @@ class Gate:
         self._mean_hold = 1.0  # EWMA of permit hold time, seconds: the base of Retry-After estimates
         self.budget = budget
         self._retired: set[str] = set()  # lanes a reload removed: they drain, new requests are refused
+        self._listeners: list[Callable[[], None]] = []
         self._follow(limit)
 
     # -- public -------------------------------------------------------------------------------------------
@@ -123,6 +139,21 @@ class Gate:
 
     def lane_names(self) -> Iterable[str]:
         return [name for name in self._lanes if name not in self._retired]
+
+    def watch(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` after anything that changes ``snapshot()`` (a grant, a release, a request queued or
+        gone, a new limit or policy); returns the function that stops it. Nothing is spent while nobody watches."""
+        self._listeners.append(listener)
+
+        def unwatch() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unwatch
+
+    def on_saturation(self, sat: Saturation) -> None:
+        """A reading of the upstream's own load, for the limit (an adaptive one learns from it)."""
+        self._limit.on_saturation(sat, in_flight=self._in_flight)
 
     def lane_policy(self, lane: str) -> LanePolicy:
         return self._lanes[lane].policy
@@ -151,6 +182,7 @@ class Gate:
         if future.done():
             return future.result()
         self._check_bounds(waiter, queue)
+        self._changed()
         wait = queue.policy.queue_timeout if max_wait is None else max_wait
         waiter.timer = loop.call_at(waiter.enqueued_at + wait, self._expire, waiter)
         try:
@@ -201,38 +233,34 @@ class Gate:
         )
 
     def reconfigure(
-        self,
-        *,
-        lanes: Iterable[LanePolicy],
-        profiles: Mapping[str, ProfilePolicy],
-        aging_seconds: float,
-        budget: TokenBudget | None,
-        limit: Limit | None = None,
+        self, policy: UpstreamPolicy, *, profiles: Mapping[str, ProfilePolicy], aging_seconds: float, limit: Limit
     ) -> None:
         """A new policy (config reload). Nothing in flight or queued is dropped: queued requests keep their
         place and their deadline; a removed lane takes no new request and goes once drained; a new budget
-        keeps what the old one learnt and holds; a new ``limit`` replaces the old one (else it stays)."""
-        new = {p.name: p for p in lanes}
+        keeps what the old one learnt and holds; ``limit`` replaces the old one unless it is the same object."""
+        new = dict(policy.lanes)
         if not new:
             raise ValueError("a gate needs at least one lane")
-        for name, policy in new.items():
+        for name, lane in new.items():
             if name in self._lanes:
-                self._lanes[name].policy = policy
+                self._lanes[name].policy = lane
             else:
-                self._lanes[name] = _LaneQueue(policy)
+                self._lanes[name] = _LaneQueue(lane)
         self._retired = {name for name in self._lanes if name not in new}
         self._prune()
         self._profiles = dict(profiles)
         self._aging = aging_seconds
+        budget = build_budget(policy.budget)
         if budget is not None and self.budget is not None:
             self.budget.capacity, self.budget.default_output = budget.capacity, budget.default_output
         else:
             self.budget = budget  # permits holding tokens of a budget now gone give back nothing
-        if limit is not None and limit is not self._limit:
+        if limit is not self._limit:
             self._limit = limit
             self._follow(limit)
         if self._loop is not None:
             self._grant()  # a higher cap or a larger budget may let waiters in now
+        self._changed()
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -247,10 +275,16 @@ class Gate:
             del self._lanes[name]
             self._retired.discard(name)
 
+    def _changed(self) -> None:
+        for listener in tuple(self._listeners):
+            listener()
+
     def _follow(self, limit: Limit) -> None:
         def changed(_new: int) -> None:
-            if self._limit is limit and self._loop is not None:  # a replaced limit no longer speaks for us
-                self._grant()
+            if self._limit is limit:  # a replaced limit no longer speaks for us
+                if self._loop is not None:
+                    self._grant()
+                self._changed()
 
         limit.subscribe(changed)
 
@@ -292,6 +326,7 @@ class Gate:
         if queue is not None and fifo is not None and waiter in fifo:
             queue.remove(waiter)
             self._dec(self._profile_queued, waiter.profile)
+            self._changed()
         if self._retired:
             self._prune()
 
@@ -310,6 +345,14 @@ class Gate:
         )
 
     def _grant(self) -> None:
+        before = self._in_flight
+        try:
+            self._grant_while_room()
+        finally:
+            if self._in_flight != before:
+                self._changed()
+
+    def _grant_while_room(self) -> None:
         limit = self._limit.limit
         if self._in_flight >= limit or self._loop is None:  # no loop yet: nobody has ever asked, nobody waits
             return
@@ -347,7 +390,7 @@ class Gate:
                 budget.take(tokens)
             waiter.future.set_result(
                 Permit(
-                    self,
+                    self._on_release,
                     waiter.lane,
                     waiter.profile,
                     now,
@@ -362,9 +405,10 @@ class Gate:
         cap = self._profile_policy(profile).max_inflight
         return cap is None or self._profile_in_flight.get(profile, 0) < cap
 
-    def _on_release(self, permit: Permit, *, dropped: bool) -> None:
+    def _on_release(self, permit: Permit, result: Result) -> None:
         held = self._now() - permit.acquired_at
-        self._mean_hold += 0.2 * (held - self._mean_hold)
+        if result is Result.SUCCESS:  # only a served request says how long the server holds a slot
+            self._mean_hold += 0.2 * (held - self._mean_hold)
         in_flight = self._in_flight
         blocked = any(q.count and q.in_flight >= self._lane_cap(q.policy) for q in self._lanes.values())
         self._in_flight -= 1
@@ -372,7 +416,7 @@ class Gate:
         self._dec(self._profile_in_flight, permit.profile)
         if permit.budget is not None:
             permit.budget.give(permit.tokens)
-        if self.budget is not None:
+        if self.budget is not None and result is Result.SUCCESS:
             self.budget.learn(
                 permit.profile,
                 prompt_estimate=permit.prompt_estimate,
@@ -380,16 +424,12 @@ class Gate:
                 output_tokens=permit.output_tokens,
             )
         self._limit.on_sample(
-            rtt=held,
-            in_flight=in_flight,
-            dropped=dropped,
-            ttft=permit.ttft,
-            output_tokens=permit.output_tokens,
-            blocked=blocked,
+            rtt=held, in_flight=in_flight, result=result, output_tokens=permit.output_tokens, blocked=blocked
         )
         self._grant()
         if self._retired:
             self._prune()
+        self._changed()
 
     @staticmethod
     def _dec(counts: dict[str, int], key: str) -> None:

@@ -1,29 +1,12 @@
-"""Lane and profile policies, and the waiting line of one lane: one FIFO per profile, served in turns."""
+"""The waiting line of one lane: one FIFO per profile, profiles served in turns."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gateway_guard.admission.gate import Permit
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LanePolicy:
-    name: str
-    priority: int = 0
-    queue_size: int = 64
-    queue_timeout: float = 30.0
-    headroom: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProfilePolicy:
-    max_inflight: int | None = None
-    max_queued: int | None = None
+from gateway_guard.admission.permit import Permit
+from gateway_guard.admission.policy import LanePolicy
 
 
 class Waiter:

@@ -34,31 +34,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway_guard.admission.policy import AdaptiveLimitSpec, FixedLimitSpec, LimitSpec, Result
+from gateway_guard.upstream.saturation import Saturation as Saturation
+
 HISTORY = 256
 MIN_TOKENS = 4  # latency samples need at least this many output tokens
 BACKLOG = 2  # requests of ours the server does not show, on two probes in a row: queued before it (see below)
 
 
 class Limit(Protocol):
+    """The cap's algorithm, apart from the gate that enforces it; all a caller needs, no type-sniffing."""
+
+    reason: str  # why the limit is what it is
+    history: deque[LimitChange]  # (time, limit, reason), newest last
+
     @property
     def limit(self) -> int: ...
 
     def on_sample(
-        self,
-        *,
-        rtt: float,
-        in_flight: int,
-        dropped: bool,
-        ttft: float | None = None,
-        output_tokens: int | None = None,
-        blocked: bool = False,
+        self, *, rtt: float, in_flight: int, result: Result, output_tokens: int | None = None, blocked: bool = False
     ) -> None:
         """One admitted request ended after ``rtt`` seconds with ``in_flight`` requests in flight (itself
-        included); ``ttft``/``output_tokens`` when the proxy saw them; ``blocked``: requests were waiting that
-        a higher limit would have let in (a lane at its cap, limit minus headroom)."""
+        included); ``output_tokens`` when the proxy saw them; ``blocked``: requests were waiting that a higher
+        limit would have let in (a lane at its cap, limit minus headroom). Only ``SUCCESS`` can raise it."""
+
+    def on_saturation(self, sat: Saturation, *, in_flight: int) -> None:
+        """One probe of the upstream's own load (``upstream/probe.py``)."""
+
+    def set(self, limit: int, reason: str = "set by operator") -> None:
+        """An operator's value; ``LimitNotSettable`` where the limit moves by itself."""
 
     def subscribe(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(new_limit)`` whenever the limit changes."""
+
+
+class LimitNotSettable(ValueError):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +77,6 @@ class LimitChange:
     at: float
     limit: int
     reason: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Saturation:
-    """What an upstream says about its own load, from one probe (``None``: the server does not say)."""
-
-    source: str
-    waiting: int | None = None  # requests it holds without running (llama.cpp deferred, vLLM waiting)
-    running: int | None = None
-    kv_cache_usage: float | None = None  # 0..1
-    memory_pressure: bool = False  # e.g. an Ollama model partly out of VRAM
 
 
 class _Changes:
@@ -120,15 +120,11 @@ class FixedLimit(_Changes):
         self._change(limit, reason)
 
     def on_sample(
-        self,
-        *,
-        rtt: float,
-        in_flight: int,
-        dropped: bool,
-        ttft: float | None = None,
-        output_tokens: int | None = None,
-        blocked: bool = False,
+        self, *, rtt: float, in_flight: int, result: Result, output_tokens: int | None = None, blocked: bool = False
     ) -> None:
+        return None
+
+    def on_saturation(self, sat: Saturation, *, in_flight: int) -> None:
         return None
 
 
@@ -195,17 +191,12 @@ class AdaptiveLimit(_Changes):
     # -- evidence -------------------------------------------------------------------------------------------
 
     def on_sample(
-        self,
-        *,
-        rtt: float,
-        in_flight: int,
-        dropped: bool,
-        ttft: float | None = None,
-        output_tokens: int | None = None,
-        blocked: bool = False,
+        self, *, rtt: float, in_flight: int, result: Result, output_tokens: int | None = None, blocked: bool = False
     ) -> None:
-        if dropped:
+        if result is Result.DROPPED:
             self._decrease(self._backed_off(), "an upstream error or timeout")
+            return
+        if result is Result.IGNORED:  # a client that left, a request that never reached the server
             return
         congested = self._observe_latency(rtt, output_tokens)
         if congested is not None and not self._queue_metric_fresh():  # the server's own queue says more
@@ -239,6 +230,11 @@ class AdaptiveLimit(_Changes):
             self._decrease(self._backed_off(), f"{sat.source}: KV cache {sat.kv_cache_usage:.0%} full")
         elif sat.memory_pressure:
             self._decrease(self._backed_off(), f"{sat.source}: model not fully in GPU memory")
+
+    def set(self, limit: int, reason: str = "set by operator") -> None:
+        raise LimitNotSettable(
+            f"this upstream's limit is adaptive ({self.floor}..{self.ceiling}); change its bounds in the config"
+        )
 
     def reconfigure(self, *, floor: int, ceiling: int) -> None:
         """New bounds (config reload); the current limit is clamped into them."""
@@ -302,6 +298,22 @@ class AdaptiveLimit(_Changes):
             return
         self._next_increase = now + self.increase_interval
         self._change(self._limit + 1, f"up from {self._limit}: requests held back and no sign of saturation")
+
+
+def build_limit(spec: LimitSpec, current: Limit | None = None) -> Limit:
+    """The limit ``spec`` asks for: ``current`` reconfigured when it is of the same kind (an adaptive one keeps
+    what it learnt), else a new one. The one place that turns a spec into a limit, at start and on reload."""
+    if isinstance(spec, AdaptiveLimitSpec):
+        if isinstance(current, AdaptiveLimit):
+            current.reconfigure(floor=spec.floor, ceiling=spec.ceiling)
+            return current
+        return AdaptiveLimit(floor=spec.floor, ceiling=spec.ceiling)
+    assert isinstance(spec, FixedLimitSpec)
+    if isinstance(current, FixedLimit):
+        if current.limit != spec.value:
+            current.set(spec.value, "set by config reload")
+        return current
+    return FixedLimit(spec.value)
 
 
 def _check(limit: int) -> None:

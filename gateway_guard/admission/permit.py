@@ -1,22 +1,25 @@
-"""One admitted request: held for exactly as long as the upstream response, released once on every path."""
+"""One slot granted by a gate: held for exactly as long as the upstream response, released once on every path.
+
+The proxy never holds a ``Permit`` itself: ``admission/ticket.py`` wraps it, charges what the request used and
+releases it with how the request ended (``Result``).
+"""
 
 from __future__ import annotations
 
-from types import TracebackType
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway_guard.errors import UpstreamTimeout
+from gateway_guard.admission.policy import Result
 
 if TYPE_CHECKING:
     from gateway_guard.admission.budget import TokenBudget
-    from gateway_guard.admission.gate import Gate
 
 
 class Permit:
-    """One admitted request. ``release()`` is idempotent; ``async with permit:`` releases on every path."""
+    """One admitted request. ``release()`` is idempotent; the first call's ``result`` is the one that counts."""
 
     __slots__ = (
-        "_gate",
+        "_on_release",
         "_released",
         "acquired_at",
         "budget",
@@ -27,12 +30,11 @@ class Permit:
         "prompt_tokens",
         "queue_wait",
         "tokens",
-        "ttft",
     )
 
     def __init__(
         self,
-        gate: Gate,
+        on_release: Callable[[Permit, Result], None],
         lane: str,
         profile: str,
         acquired_at: float,
@@ -42,7 +44,7 @@ class Permit:
         prompt_estimate: int = 0,
         budget: TokenBudget | None = None,
     ) -> None:
-        self._gate = gate
+        self._on_release = on_release
         self._released = False
         self.lane = lane
         self.profile = profile
@@ -51,13 +53,12 @@ class Permit:
         self.tokens = tokens  # held from ``budget`` (the gate's at the grant; a reload may since have replaced it)
         self.budget = budget
         self.prompt_estimate = prompt_estimate
-        self.ttft: float | None = None
         self.prompt_tokens: int | None = None
         self.output_tokens: int | None = None
 
-    def report_usage(self, *, ttft: float | None, prompt_tokens: int | None, output_tokens: int | None) -> None:
+    def report_usage(self, *, prompt_tokens: int | None, output_tokens: int | None) -> None:
         """What the response showed (before release): feeds the token budget's estimates and the limit."""
-        self.ttft, self.prompt_tokens, self.output_tokens = ttft, prompt_tokens, output_tokens
+        self.prompt_tokens, self.output_tokens = prompt_tokens, output_tokens
 
     @property
     def tokens_used(self) -> int:
@@ -69,17 +70,8 @@ class Permit:
     def released(self) -> bool:
         return self._released
 
-    def release(self, *, dropped: bool = False) -> None:
+    def release(self, result: Result = Result.SUCCESS) -> None:
         if self._released:
             return
         self._released = True
-        self._gate._on_release(self, dropped=dropped)
-
-    async def __aenter__(self) -> Permit:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        # a drop is the upstream timing out (overload), not a client that left or a server that is down
-        self.release(dropped=exc_type is not None and issubclass(exc_type, UpstreamTimeout))
+        self._on_release(self, result)

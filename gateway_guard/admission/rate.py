@@ -16,34 +16,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
-from gateway_guard.admission.gate import AdmissionGate, Permit
+from gateway_guard.admission.policy import RatePolicy as RatePolicy
 from gateway_guard.errors import RateLimited
-
-
-async def admit(
-    gate: AdmissionGate, rates: RateLimiter, lane: str, profile: str, *, prompt_tokens: int = 0
-) -> Permit:
-    """Rate limits first, then a slot: both inside the lane's one queue deadline."""
-    if not rates.active:
-        return await gate.acquire(lane, profile, prompt_tokens=prompt_tokens)
-    timeout = gate.queue_timeout(lane)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await rates.admit(lane, profile, max_wait=timeout)
-    waited = loop.time() - started
-    permit = await gate.acquire(lane, profile, max_wait=max(0.0, timeout - waited), prompt_tokens=prompt_tokens)
-    permit.queue_wait += waited
-    return permit
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RatePolicy:
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
 
 
 class Bucket(AsyncLimiter):

@@ -15,8 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway_guard.admission.policy import Routing
 from gateway_guard.errors import Forbidden, NotFound, Unauthorized, UnknownLane
-from gateway_guard.settings import Settings
 
 PROFILE_PATH = re.compile(r"^/p/([A-Za-z0-9_.-]{1,64})(/.*)?$")
 ANONYMOUS = "anonymous"
@@ -30,13 +30,10 @@ class Classified:
 
 
 class Classifier:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._lanes = set(settings.default_upstream.lanes) if settings.upstreams else set()
-        for up in settings.upstreams.values():
-            self._lanes |= set(up.lanes)
-        self._model_owner = {m: up.name for up in settings.upstreams.values() for m in up.models}
-        self._all_listed = all(up.models for up in settings.upstreams.values())
+    """Routing and auth of one request, from the compiled policy's ``Routing``."""
+
+    def __init__(self, routing: Routing) -> None:
+        self._routing = routing
 
     def classify(self, path: str, headers: Mapping[str, str]) -> Classified:
         """``headers`` keys are lower-case."""
@@ -48,20 +45,21 @@ class Classifier:
         return Classified(self._lane(profile, headers), profile, path)
 
     def upstream_for(self, profile: str, model: str | None) -> str:
-        configured = self._settings.profiles.get(profile)
-        if configured is not None and configured.upstream is not None:
-            return configured.upstream
+        r = self._routing
+        configured = r.profile_upstream.get(profile)
+        if configured is not None:
+            return configured
         if model is not None:
-            owner = self._model_owner.get(model)
+            owner = r.model_owner.get(model)
             if owner is not None:
                 return owner
-            if self._all_listed:
-                known = ", ".join(sorted(self._model_owner))
+            if r.all_models_listed:
+                known = ", ".join(sorted(r.model_owner))
                 raise NotFound(f"model {model!r} is served by no upstream (models: {known})")
-        return self._settings.default_upstream.name
+        return r.upstreams[0]
 
     def _profile(self, path_profile: str | None, headers: Mapping[str, str]) -> str:
-        keys = self._settings.keys
+        keys = self._routing.keys
         if keys:
             key = client_key(headers)
             if key is None:
@@ -75,13 +73,14 @@ class Classifier:
         return path_profile or headers.get("x-guard-profile") or ANONYMOUS
 
     def _lane(self, profile: str, headers: Mapping[str, str]) -> str:
-        asked = headers.get("x-guard-lane") if self._settings.server.lane_header else None
-        if asked is not None and asked not in self._lanes:
-            raise UnknownLane(f"unknown lane {asked!r} in X-Guard-Lane; lanes are: {', '.join(sorted(self._lanes))}")
-        configured = self._settings.profiles.get(profile)
-        if configured is not None and configured.lane is not None:
-            return configured.lane
-        lane = asked or self._settings.server.default_lane
+        r = self._routing
+        asked = headers.get("x-guard-lane") if r.lane_header else None
+        if asked is not None and asked not in r.lanes:
+            raise UnknownLane(f"unknown lane {asked!r} in X-Guard-Lane; lanes are: {', '.join(sorted(r.lanes))}")
+        configured = r.profile_lane.get(profile)
+        if configured is not None:
+            return configured
+        lane = asked or r.default_lane
         if lane is None:
             raise UnknownLane("no lane: send X-Guard-Lane or set server.default_lane in the config")
         return lane

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway_guard.admission.gate import AdmissionGate, Gate, SlotView
+from gateway_guard.admission.gate import AdmissionGate, SlotView
+from gateway_guard.admission.limit import LimitNotSettable
 from gateway_guard.app.asgi import is_admin
 from gateway_guard.app.state import GuardState
 from gateway_guard.errors import ClientError, Forbidden, GuardError, NotFound
 from gateway_guard.telemetry import METRICS_CONTENT_TYPE
 
+MAX_LIMIT = 10_000
 
-def capacity_payload(gates: dict[str, AdmissionGate], batch_lane: str = "batch") -> dict[str, Any]:
+
+def capacity_payload(gates: Mapping[str, AdmissionGate], batch_lane: str = "batch") -> dict[str, Any]:
     """Per upstream and per lane: limit / in_flight / queued / free; top-level ``free`` = batch room overall."""
     upstreams: dict[str, Any] = {}
     lanes: dict[str, dict[str, int]] = {}
     for name, gate in gates.items():
         snap = gate.snapshot()
-        limit_source = gate.limit_source if isinstance(gate, Gate) else None
+        limit_source = gate.limit_source
         upstreams[name] = {
             "limit": snap.limit,
-            "limit_reason": getattr(limit_source, "reason", None),
+            "limit_reason": limit_source.reason,
             "in_flight": snap.in_flight,
             "queued": snap.queued,
             "free": snap.free,
@@ -35,8 +41,8 @@ def capacity_payload(gates: dict[str, AdmissionGate], batch_lane: str = "batch")
         if snap.max_context_tokens is not None:
             upstreams[name]["tokens_in_flight"] = snap.tokens_in_flight
             upstreams[name]["max_context_tokens"] = snap.max_context_tokens
-        history = getattr(limit_source, "history", None)
-        if history:  # the last moves of the limit, newest last: (seconds ago, limit, reason)
+        history = limit_source.history
+        if len(history) > 1:  # the last moves of the limit, newest last: (seconds ago, limit, reason)
             now = time.monotonic()
             upstreams[name]["limit_history"] = [
                 {"ago_s": round(now - c.at, 1), "limit": c.limit, "reason": c.reason} for c in list(history)[-5:]
@@ -74,11 +80,16 @@ async def metrics(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """Each upstream as its prober last saw it (no call upstream per request), with the reading's age."""
     state = _state(request)
-    results = await asyncio.gather(*(up.ready() for up in state.upstreams.values()))
-    report = {
-        name: {"ready": ok, "detail": detail} for name, (ok, detail) in zip(state.upstreams, results, strict=True)
-    }
+    names = list(state.probers)
+    readings = await asyncio.gather(*(state.probers[n].latest() for n in names))
+    report: dict[str, dict[str, Any]] = {}
+    for name, reading in zip(names, readings, strict=True):
+        if reading is None:
+            report[name] = {"ready": False, "detail": "not probed yet", "age_s": None}
+        else:
+            report[name] = {"ready": reading.ready, "detail": reading.detail, "age_s": round(reading.age(), 2)}
     ok = all(r["ready"] for r in report.values())
     return JSONResponse({"ready": ok, "upstreams": report}, status_code=200 if ok else 503)
 
@@ -91,17 +102,32 @@ async def set_limit(request: Request) -> Response:
             raise Forbidden("changing a limit needs the admin token (server.admin_token / GUARD_ADMIN_TOKEN)")
         name = request.path_params["name"]
         gate = state.gates.get(name)
-        if not isinstance(gate, Gate):
+        if gate is None:
             raise NotFound(f"no upstream named {name!r}")
+        new_limit = _limit_from(await request.body())
         try:
-            payload = await request.json()
-            new_limit = int(payload["limit"])
-        except (ValueError, KeyError, TypeError):
-            raise ClientError('body must be JSON like {"limit": 4}') from None
-        source = gate.limit_source
-        if new_limit < 1 or not hasattr(source, "set"):
-            raise ClientError(f"limit must be an integer >= 1 on an upstream with a fixed cap (got {new_limit})")
-        source.set(new_limit, "set by operator")
+            gate.limit_source.set(new_limit, "set by operator")
+        except LimitNotSettable as exc:
+            raise ClientError(str(exc)) from None
         return JSONResponse(capacity_payload(state.gates)["upstreams"][name])
     except GuardError as error:
         return Response(error.body(), status_code=error.status, media_type="application/json")
+
+
+def _limit_from(body: bytes) -> int:
+    """``{"limit": N}`` with N a whole number 1..10000; anything else is a 400 (never a 500)."""
+    example = 'body must be JSON like {"limit": 4}'
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ClientError(example) from None
+    value = payload.get("limit") if isinstance(payload, dict) else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LIMIT:
+        raise ClientError(f"limit must be an integer 1..{MAX_LIMIT} ({example})")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")

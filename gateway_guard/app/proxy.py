@@ -1,21 +1,19 @@
 """The proxy: pure ASGI (no BaseHTTPMiddleware), one permit per generation request, held for the whole stream.
 
 Flow: classify (key / path / headers) -> read the body under a size limit -> check it is JSON -> pick the
-upstream -> wait for a permit (unless the call uses no GPU) -> forward -> relay bytes as they arrive. A client
-that disconnects at any point cancels the wait or closes the upstream connection at once, so the server's slot
-and the guard's permit are both freed.
+upstream -> enter admission (unless the call uses no GPU) -> forward -> relay bytes as they arrive. A client
+that disconnects at any point cancels the wait or closes the upstream connection at once; the ticket
+(``admission/ticket.py``) releases the slot once the server has let go of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 
 from gateway_guard.admission.budget import estimate_prompt_tokens
-from gateway_guard.admission.rate import admit
+from gateway_guard.admission.ticket import Ticket, Usage
 from gateway_guard.app.asgi import (
     ClientDisconnected,
     DisconnectWatch,
@@ -35,8 +33,6 @@ from gateway_guard.errors import (
     InvalidJSON,
     NotFound,
     Outcome,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from gateway_guard.telemetry import RequestRecord
 from gateway_guard.upstream.client import Upstream
@@ -48,9 +44,6 @@ METADATA_POSTS = frozenset({"/api/show", "/api/tags", "/api/ps", "/api/version"}
 # Ollama calls that change the server's models: only with the admin token.
 ADMIN_ONLY = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
 PROXIED_PREFIXES = ("/v1/", "/api/")
-# How long a cut-off request keeps its slot after the guard closed the upstream connection (llama.cpp frees a
-# slot ~20 ms after its client goes away).
-ABORT_GRACE_SECONDS = 0.1
 
 
 def needs_permit(method: str, path: str) -> bool:
@@ -96,33 +89,14 @@ class ProxyHandler:
         record.upstream = upstream.name
         with DisconnectWatch(receive):
             if not needs_permit(scope["method"], cls.path):
-                await self._forward(scope, upstream, headers, body, send, record)
+                await self._forward(scope, upstream, headers, body, send, record, None)
                 return
             record.queue_entered = time.perf_counter()
-            gate = state.gates[upstream.name]
-            permit = await admit(gate, state.rates, cls.lane, cls.profile, prompt_tokens=estimate_prompt_tokens(body))
-            record.queue_wait = permit.queue_wait
-            record.outcome = Outcome.ADMITTED
-            try:
-                try:
-                    await self._forward(scope, upstream, headers, body, send, record)
-                finally:  # what it used (so far, if the client left): token rates, budget, adaptive limit
-                    permit.report_usage(
-                        ttft=record.ttfb, prompt_tokens=record.prompt_tokens, output_tokens=record.completion_tokens
-                    )
-                    state.rates.charge(cls.lane, cls.profile, permit.tokens_used)
-            except UpstreamUnavailable:
-                permit.release()  # the request never reached the server
-                raise
-            except BaseException as exc:
-                # Cut off (client gone, upstream failed): the server notices the closed connection a moment
-                # later, so the slot stays counted a little longer and the cap holds as the server sees it.
-                # The timer always fires: the permit cannot leak.
-                asyncio.get_running_loop().call_later(
-                    ABORT_GRACE_SECONDS, partial(permit.release, dropped=isinstance(exc, UpstreamTimeout))
-                )
-                raise
-            permit.release()
+            prompt = estimate_prompt_tokens(body)
+            async with state.admission.enter(upstream.name, cls.lane, cls.profile, prompt_tokens=prompt) as ticket:
+                record.queue_wait = ticket.queue_wait
+                record.outcome = Outcome.ADMITTED
+                await self._forward(scope, upstream, headers, body, send, record, ticket)
 
     async def _forward(
         self,
@@ -132,6 +106,7 @@ class ProxyHandler:
         body: bytes,
         send: _SendTracker,
         record: RequestRecord,
+        ticket: Ticket | None,
     ) -> None:
         t0 = record.upstream_started = time.perf_counter()
         headers = self.state.telemetry.upstream_headers(record, headers)  # the guard's traceparent when tracing
@@ -147,6 +122,8 @@ class ProxyHandler:
             finally:  # tokens seen so far count, even when the client left mid-stream
                 meter.finish()
                 record.prompt_tokens, record.completion_tokens = meter.prompt_tokens, meter.completion_tokens
+                if ticket is not None:
+                    ticket.usage = Usage(meter.prompt_tokens, meter.completion_tokens)
             await send.body(b"", more=False)
         finally:
             await response.aclose()  # closes the upstream connection if unfinished: the server frees its slot

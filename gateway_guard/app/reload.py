@@ -20,14 +20,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway_guard.admission.classify import Classifier
-from gateway_guard.admission.gate import Gate
-from gateway_guard.admission.limit import AdaptiveLimit, FixedLimit, Limit
 from gateway_guard.app.asgi import is_admin
-from gateway_guard.app.limits import build_budget, build_probers, profile_policies, profile_rates
 from gateway_guard.app.state import GuardState
 from gateway_guard.errors import ClientError, ConfigError, Forbidden, GuardError
-from gateway_guard.settings import Settings, UpstreamSettings
+from gateway_guard.settings import Settings
 
 log = logging.getLogger("gateway_guard.reload")
 
@@ -52,7 +48,8 @@ class Reloader:
         async with self._lock:
             new = self._load()
             notes = check_reloadable(self.state.settings, new)
-            notes += await apply(self.state, new)
+            notes += self.state.apply(new.compile())
+            self.state.settings = new
         log.info("config reloaded: %s", "; ".join(notes) or "no change")
         return notes
 
@@ -84,52 +81,6 @@ def check_reloadable(old: Settings, new: Settings) -> list[str]:
         if getattr(new.server, key) != getattr(old.server, key):
             notes.append(f"server.{key} changes at the next start")
     return notes
-
-
-async def apply(state: GuardState, new: Settings) -> list[str]:
-    notes: list[str] = []
-    policies = profile_policies(new)
-    for name, up in new.upstreams.items():
-        gate = state.gates[name]
-        if not isinstance(gate, Gate):
-            continue
-        before = (gate.limit, gate.limit_source.__class__.__name__)
-        limit = _limit_for(gate.limit_source, up)
-        gate.reconfigure(
-            lanes=up.lanes.values(),
-            profiles=policies,
-            aging_seconds=new.server.aging_seconds,
-            budget=build_budget(up),
-            limit=limit,
-        )
-        if (gate.limit, gate.limit_source.__class__.__name__) != before:
-            notes.append(f"upstreams.{name}: limit {before[0]} -> {gate.limit} ({up.limit})")
-    state.rates.reconfigure(new.lane_rates, profile_rates(new))
-    state.classifier = Classifier(new)
-    if new.profiles.keys() != state.settings.profiles.keys() or new.keys != state.settings.keys:
-        notes.append(f"profiles: {', '.join(sorted(new.profiles)) or '-'}; {len(new.keys)} keys")
-    state.settings = new
-    running = any(p.running for p in state.probers)
-    for prober in state.probers:
-        await prober.stop()
-    state.probers = build_probers(new, state.gates, state.upstreams)
-    if running:
-        state.start()
-    return notes
-
-
-def _limit_for(current: Limit, up: UpstreamSettings) -> Limit | None:
-    """The limit object the gate should have: the current one reconfigured when of the same kind, else new."""
-    if up.limit == "adaptive":
-        if isinstance(current, AdaptiveLimit):
-            current.reconfigure(floor=up.floor, ceiling=up.ceiling)
-            return None
-        return AdaptiveLimit(floor=up.floor, ceiling=up.ceiling)
-    if isinstance(current, FixedLimit):
-        if current.limit != up.max_inflight:
-            current.set(up.max_inflight, "set by config reload")
-        return None
-    return FixedLimit(up.max_inflight)
 
 
 async def reload_endpoint(request: Request) -> Response:

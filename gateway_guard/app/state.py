@@ -1,46 +1,86 @@
-"""Everything a running guard holds: settings, classifier, one gate and one client per upstream."""
+"""Everything a running guard holds, and the one way it is (re)configured: ``apply(policy)``.
+
+Built empty from the settings that only a restart can change (the upstreams' URLs, keys and timeouts: one
+client and one prober each), then ``apply(settings.compile())`` builds the gates, limits, budgets, rate limits
+and routing. A config reload calls the same ``apply`` with the new policy: gates are reconfigured in place
+(in-flight and queued requests stay), a limit of the same kind keeps its state, rate buckets keep their level.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import httpx
 
-from gateway_guard.admission.classify import Classifier
-from gateway_guard.admission.gate import AdmissionGate
+from gateway_guard.admission.gate import AdmissionGate, Gate
+from gateway_guard.admission.limit import build_limit
+from gateway_guard.admission.policy import Policy, ProbeSpec
 from gateway_guard.admission.rate import RateLimiter
-from gateway_guard.app.limits import build_gate, build_probers, build_rates
+from gateway_guard.admission.ticket import Admission
+from gateway_guard.app.classify import Classifier
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry import Telemetry
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.probe import Prober
+from gateway_guard.upstream.probe import Prober, Reading
+
+READINESS_ONLY = ProbeSpec(kind="off")
 
 
-@dataclass
 class GuardState:
-    settings: Settings
-    classifier: Classifier
-    gates: dict[str, AdmissionGate]
-    upstreams: dict[str, Upstream]
-    telemetry: Telemetry
-    rates: RateLimiter = field(default_factory=RateLimiter)
-    probers: list[Prober] = field(default_factory=list)  # the adaptive limits' eyes on the upstreams
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.upstreams = {name: Upstream(up, transport=transport) for name, up in settings.upstreams.items()}
+        self.gates: dict[str, AdmissionGate] = {}
+        self.rates = RateLimiter()
+        self.admission = Admission(self.gates, self.rates)
+        self.probers = {name: Prober(up, self._reading_for(name)) for name, up in self.upstreams.items()}
+        self.telemetry = Telemetry.from_settings(settings, self.gates, self.probers)
+        self.policy: Policy | None = None
+        self.classifier: Classifier
+        self.apply(settings.compile())
 
     @classmethod
     def build(cls, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> GuardState:
-        gates: dict[str, AdmissionGate] = {name: build_gate(up, settings) for name, up in settings.upstreams.items()}
-        upstreams = {name: Upstream(up, transport=transport) for name, up in settings.upstreams.items()}
-        telemetry = Telemetry.from_settings(settings, gates, upstreams)
-        probers = build_probers(settings, gates, upstreams)
-        return cls(settings, Classifier(settings), gates, upstreams, telemetry, build_rates(settings), probers)
+        return cls(settings, transport=transport)
+
+    def apply(self, policy: Policy) -> list[str]:
+        """Build (at start) or reconfigure (on reload) everything the policy decides; returns what changed."""
+        notes: list[str] = []
+        for name, up in policy.upstreams.items():
+            gate = self.gates.get(name)
+            before = None if gate is None else (gate.limit_source.limit, type(gate.limit_source).__name__)
+            limit = build_limit(up.limit, None if gate is None else gate.limit_source)
+            if gate is None:
+                gate = self.gates[name] = Gate(name, limit, up.lanes.values(), aging_seconds=policy.aging_seconds)
+            gate.reconfigure(up, profiles=policy.profiles, aging_seconds=policy.aging_seconds, limit=limit)
+            after = (limit.limit, type(limit).__name__)
+            if before is not None and before != after:
+                notes.append(f"upstreams.{name}: limit {before[0]} -> {after[0]} ({up.limit.kind})")
+            probe = up.probe or READINESS_ONLY
+            self.probers[name].configure(kind=probe.kind, interval=probe.interval)
+        self.rates.reconfigure(policy.lane_rates, policy.profile_rates)
+        self.classifier = Classifier(policy.routing)
+        self.telemetry.apply(policy)
+        old, self.policy = self.policy, policy
+        if old is not None and (old.profiles.keys(), old.routing.keys) != (policy.profiles.keys(), policy.routing.keys):
+            notes.append(f"profiles: {', '.join(sorted(policy.profiles)) or '-'}; {len(policy.routing.keys)} keys")
+        return notes
+
+    def _reading_for(self, name: str) -> Callable[[Reading], None]:
+        def on_reading(reading: Reading) -> None:
+            gate = self.gates.get(name)
+            if gate is not None and reading.saturation is not None:
+                gate.on_saturation(reading.saturation)
+
+        return on_reading
 
     def start(self) -> None:
         """Start the background work (upstream probes); in the running loop, idempotent."""
-        for prober in self.probers:
+        for prober in self.probers.values():
             prober.start()
 
     async def aclose(self) -> None:
-        for prober in self.probers:
+        for prober in self.probers.values():
             await prober.stop()
         for upstream in self.upstreams.values():
             await upstream.aclose()

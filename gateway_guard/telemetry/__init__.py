@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from gateway_guard.admission.gate import AdmissionGate
+from gateway_guard.admission.policy import Policy
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry.access_log import JsonLogFormatter, access_fields, access_log, log_access
 from gateway_guard.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway_guard.telemetry.metrics import GuardMetrics
 from gateway_guard.telemetry.otel_env import client_trace_id, tracing_from_env
 from gateway_guard.telemetry.record import RequestRecord
-from gateway_guard.upstream.client import Upstream
+from gateway_guard.upstream.probe import Prober
 
 if TYPE_CHECKING:
     from gateway_guard.telemetry.tracing import Tracing
@@ -39,12 +40,14 @@ class Telemetry:
         *,
         log_json: bool = False,
         gates: Mapping[str, AdmissionGate] | None = None,
-        upstreams: Mapping[str, Upstream] | None = None,
+        probers: Mapping[str, Prober] | None = None,
         profiles: Iterable[str] = (),
         tracing: Tracing | None = None,
     ) -> None:
         self._log_json = log_json
-        self.metrics_registry = GuardMetrics(gates or {}, upstreams or {}, profiles)
+        self.metrics_registry = GuardMetrics(
+            {} if gates is None else gates, {} if probers is None else probers, profiles
+        )
         self.tracing = tracing
         self.on_finished: list[Callable[[RequestRecord], None]] = []  # e.g. the status page's history
 
@@ -53,7 +56,7 @@ class Telemetry:
         cls,
         settings: Settings,
         gates: Mapping[str, AdmissionGate],
-        upstreams: Mapping[str, Upstream],
+        probers: Mapping[str, Prober],
     ) -> Telemetry:
         """Tracing follows the ``OTEL_*`` environment (``otel_env.tracing_from_env``); off by default."""
         urls = {name: up.url for name, up in settings.upstreams.items()}
@@ -61,10 +64,14 @@ class Telemetry:
         return cls(
             log_json=settings.server.log_json,
             gates=gates,
-            upstreams=upstreams,
+            probers=probers,
             profiles=settings.profiles,
             tracing=tracing,
         )
+
+    def apply(self, policy: Policy) -> None:
+        """A new policy (start or reload): profile labels follow the configured profiles."""
+        self.metrics_registry.set_profiles(policy.profiles)
 
     def request_started(self, record: RequestRecord, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """``headers``: the ASGI scope's raw header pairs (for the client's ``traceparent``)."""

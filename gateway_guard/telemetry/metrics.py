@@ -4,10 +4,10 @@ Per request (counted when it ends): ``gateway_guard_requests_total{upstream,lane
 upstream latency and time-to-first-token histograms, and token counters per profile.
 
 Read at scrape time, so there is no second set of books to drift: the gates' own snapshots
-(``gateway_guard_in_flight``, ``_queued``, ``_limit``, ...) and, where the upstream exposes them on its
-``/metrics``, its own saturation gauges (llama.cpp ``llamacpp:requests_processing`` / ``requests_deferred``,
-vLLM ``vllm:num_requests_running`` / ``num_requests_waiting`` / KV cache use), read with a timeout of 2 s
-and parsed by ``upstream/probe.py``, the adaptive limit's probe.
+(``gateway_guard_in_flight``, ``_queued``, ``_limit``, ...) and each upstream's prober's last reading
+(``upstream/probe.py``: readiness, and where the upstream exposes them its own saturation gauges, llama.cpp
+``llamacpp:requests_processing`` / ``requests_deferred``, vLLM ``vllm:num_requests_running`` /
+``num_requests_waiting`` / KV cache use) with its age. A scrape never calls an upstream.
 
 Label values stay few: upstreams and lanes come from the config, outcomes from ``Outcome``; profiles are the
 configured ones plus the first ``MAX_EXTRA_PROFILES`` others seen (a client may name any profile in a path or
@@ -25,16 +25,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway_guard.admission.gate import AdmissionGate
-from gateway_guard.errors import GuardError
 from gateway_guard.telemetry.record import RequestRecord
-from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.probe import saturation_from_metrics
+from gateway_guard.upstream.probe import Prober, Reading
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NONE = "none"
 OTHER = "other"
 MAX_EXTRA_PROFILES = 32
-UPSTREAM_METRICS_TIMEOUT = 2.0  # a busy llama.cpp answers /metrics late (docs/limits.md); Prometheus waits 10 s
 
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -64,6 +61,10 @@ class ProfileLabels:
         self._extra: set[str] = set()
         self._max_extra = max_extra
 
+    def configure(self, known: Iterable[str]) -> None:
+        """The configured profiles after a reload; extras seen so far keep their label."""
+        self._known = set(known)
+
     def __call__(self, profile: str | None) -> str:
         if profile is None:
             return NONE
@@ -79,11 +80,11 @@ class GuardMetrics:
     def __init__(
         self,
         gates: Mapping[str, AdmissionGate],
-        upstreams: Mapping[str, Upstream],
+        probers: Mapping[str, Prober],
         profiles: Iterable[str] = (),
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._upstreams = upstreams
+        self._probers = probers
         self._profile = ProfileLabels(profiles)
         reg = self.registry
         self.requests = Counter(
@@ -125,9 +126,9 @@ class GuardMetrics:
             ["upstream", "profile"],
             registry=reg,
         )
-        self._saturation: dict[str, dict[str, float] | None] = {}
+        self._readings: dict[str, Reading | None] = {}
         reg.register(GateCollector(gates, self._profile))
-        reg.register(UpstreamSaturationCollector(self._saturation))
+        reg.register(UpstreamSaturationCollector(self._readings))
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def observe(self, record: RequestRecord) -> None:
@@ -156,12 +157,15 @@ class GuardMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def set_profiles(self, profiles: Iterable[str]) -> None:
+        self._profile.configure(profiles)
+
     async def render(self) -> bytes:
-        """The exposition text, after reading each upstream's own gauges (in parallel, short timeout)."""
-        names = list(self._upstreams)
-        results = await asyncio.gather(*(read_upstream_saturation(self._upstreams[n]) for n in names))
-        self._saturation.clear()
-        self._saturation.update(zip(names, results, strict=True))
+        """The exposition text, with each prober's last reading (before its first, waits for it, briefly)."""
+        names = list(self._probers)
+        results = await asyncio.gather(*(self._probers[n].latest() for n in names))
+        self._readings.clear()
+        self._readings.update(zip(names, results, strict=True))
         return generate_latest(self.registry)
 
 
@@ -217,9 +221,9 @@ class GateCollector(Collector):
 
 
 class UpstreamSaturationCollector(Collector):
-    """The upstream's own gauges, as last read by ``GuardMetrics.render``."""
+    """Each upstream as its prober last saw it: ready or not, its own gauges, and how old the reading is."""
 
-    def __init__(self, readings: Mapping[str, dict[str, float] | None]) -> None:
+    def __init__(self, readings: Mapping[str, Reading | None]) -> None:
         self._readings = readings
 
     def describe(self) -> Iterable[Metric]:
@@ -228,8 +232,15 @@ class UpstreamSaturationCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             "gateway_guard_upstream_metrics_up",
-            "1 when the upstream's own /metrics answered at this scrape, else 0",
+            "1 when the upstream's own load metrics answered at the prober's last reading, else 0",
             labels=["upstream"],
+        )
+        ready = GaugeMetricFamily(
+            "gateway_guard_upstream_ready", "1 when the upstream answered its health check at the last reading",
+            labels=["upstream"],
+        )
+        age = GaugeMetricFamily(
+            "gateway_guard_upstream_reading_age_seconds", "Age of the prober's last reading", labels=["upstream"]
         )
         gauges = {
             ours: GaugeMetricFamily(
@@ -238,30 +249,14 @@ class UpstreamSaturationCollector(Collector):
             for ours, (_, doc) in UPSTREAM_GAUGES.items()
         }
         for name, reading in self._readings.items():
-            up.add_metric([name], 0 if reading is None else 1)
-            for ours, value in (reading or {}).items():
-                gauges[ours].add_metric([name], value)
-        yield up
+            sat = None if reading is None else reading.saturation
+            up.add_metric([name], 0 if sat is None else 1)
+            if reading is not None:
+                ready.add_metric([name], 1 if reading.ready else 0)
+                age.add_metric([name], round(reading.age(), 3))
+            for ours, (field, _) in UPSTREAM_GAUGES.items():
+                value = None if sat is None else getattr(sat, field)
+                if value is not None:
+                    gauges[ours].add_metric([name], float(value))
+        yield from (up, ready, age)
         yield from gauges.values()
-
-
-async def read_upstream_saturation(
-    upstream: Upstream, timeout: float = UPSTREAM_METRICS_TIMEOUT
-) -> dict[str, float] | None:
-    """The upstream's saturation gauges from its ``/metrics``; None when it has none or does not answer."""
-    try:
-        status, text = await upstream.get_text("/metrics", timeout=timeout)
-    except GuardError:
-        return None
-    if status != 200:
-        return None
-    return parse_saturation(text)
-
-
-def parse_saturation(text: str) -> dict[str, float] | None:
-    """llama.cpp's or vLLM's gauges in Prometheus text (parsed by the adaptive limit's probe); None if neither."""
-    sat = saturation_from_metrics(text)
-    if sat is None:
-        return None
-    readings = {ours: getattr(sat, field) for ours, (field, _) in UPSTREAM_GAUGES.items()}
-    return {ours: float(value) for ours, value in readings.items() if value is not None}

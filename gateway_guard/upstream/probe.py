@@ -1,14 +1,10 @@
-"""The upstream's own word on its load, read every few seconds for the adaptive limit.
+"""One probe loop per upstream: is it up, and what does it say about its own load (``saturation.py``)?
 
-* llama.cpp ``/metrics`` (``--metrics``): ``llamacpp:requests_deferred`` (requests waiting for a slot) and
-  ``llamacpp:requests_processing``.
-* vLLM ``/metrics``: ``vllm:num_requests_waiting``, ``vllm:num_requests_running`` and the KV cache in use,
-  ``vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc`` before v1), 0..1.
-* Ollama ``/api/ps``: no queue is exposed; a loaded model whose ``size_vram`` is below its ``size`` runs partly
-  on the CPU, which is reported as memory pressure.
-
-``probe = "auto"`` tries ``/metrics`` then ``/api/ps`` and keeps the first that answers. A probe that fails
-(upstream down, timeout, not Prometheus text) reports nothing: the limit then hears of errors from requests.
+Every ``interval`` seconds the prober asks the upstream whether it is ready (its health endpoints) and, unless
+``kind = "off"``, reads its load (``probe = "auto"`` tries ``/metrics`` then ``/api/ps`` and keeps the first
+that answers). The last ``Reading`` is kept with its time: ``/metrics``, ``/guard/ready`` and the capacity view
+read it, so no client request ever causes a call upstream (no amplification). Each reading is handed to
+``on_reading`` (the state feeds it to the upstream's limit: an adaptive one learns from it).
 """
 
 from __future__ import annotations
@@ -17,101 +13,74 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
-from gateway_guard.admission.limit import Saturation
 from gateway_guard.errors import GuardError
 from gateway_guard.upstream.client import Upstream
+from gateway_guard.upstream.saturation import (
+    KINDS,
+    Saturation,
+    saturation_from_metrics,
+    saturation_from_ollama_ps,
+)
 
 log = logging.getLogger("gateway_guard.probe")
 
-LLAMA_WAITING, LLAMA_RUNNING = "llamacpp:requests_deferred", "llamacpp:requests_processing"
-VLLM_WAITING, VLLM_RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
-VLLM_KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-KINDS = ("llamacpp", "vllm", "ollama")
 TIMEOUT = 2.0  # a busy server answers its metrics late (llama.cpp: after the decode step under way), not never
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sample name -> value summed over its label sets (``name{labels} value [timestamp]`` lines)."""
-    values: dict[str, float] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{" in line:
-            name, _, rest = line.partition("{")
-            rest = rest.rpartition("}")[2]
-        else:
-            name, _, rest = line.partition(" ")
-        fields = rest.split()
-        if not fields:
-            continue
-        try:
-            value = float(fields[0])
-        except ValueError:
-            continue
-        values[name.strip()] = values.get(name.strip(), 0.0) + value
-    return values
+@dataclass(frozen=True, slots=True)
+class Reading:
+    at: float  # time.monotonic() when it was taken
+    ready: bool
+    detail: str
+    saturation: Saturation | None
 
-
-def saturation_from_metrics(text: str) -> Saturation | None:
-    values = parse_prometheus(text)
-    if LLAMA_WAITING in values or LLAMA_RUNNING in values:
-        return Saturation(
-            source="llama.cpp /metrics",
-            waiting=_int(values.get(LLAMA_WAITING)),
-            running=_int(values.get(LLAMA_RUNNING)),
-        )
-    if VLLM_WAITING in values or VLLM_RUNNING in values:
-        kv = next((values[k] for k in VLLM_KV if k in values), None)
-        return Saturation(
-            source="vLLM /metrics",
-            waiting=_int(values.get(VLLM_WAITING)),
-            running=_int(values.get(VLLM_RUNNING)),
-            kv_cache_usage=kv,
-        )
-    return None
-
-
-def saturation_from_ollama_ps(payload: Any) -> Saturation | None:
-    models = payload.get("models") if isinstance(payload, dict) else None
-    if not isinstance(models, list):
-        return None
-    return Saturation(source="Ollama /api/ps", running=len(models), memory_pressure=any(map(_spilled, models)))
-
-
-def _spilled(model: object) -> bool:
-    """A loaded model partly outside GPU memory (``size_vram`` < ``size``)."""
-    if not isinstance(model, dict):
-        return False
-    size, vram = _num(model.get("size")), _num(model.get("size_vram"))
-    return size is not None and vram is not None and vram < size
+    def age(self) -> float:
+        return time.monotonic() - self.at
 
 
 class Prober:
-    """Reads one upstream's load every ``interval`` seconds and hands each reading to ``on_saturation``."""
+    """Reads one upstream every ``interval`` seconds; ``last`` is the newest ``Reading``."""
 
     def __init__(
         self,
         upstream: Upstream,
-        on_saturation: Callable[[Saturation], None],
+        on_reading: Callable[[Reading], None] | None = None,
         *,
         kind: str = "auto",
         interval: float = 2.0,
     ) -> None:
         self.upstream = upstream
-        self.kind = None if kind == "auto" else kind
         self.interval = interval
-        self._on_saturation = on_saturation
+        self._on_reading = on_reading
         self._task: asyncio.Task[None] | None = None
         self._warned = False
+        self._first = asyncio.Event()
+        self.last: Reading | None = None
+        self.kind: str | None = None
+        self.configure(kind=kind, interval=interval)
+
+    def configure(self, *, kind: str, interval: float) -> None:
+        """A new probe spec (config reload): the kind is found again when it changes."""
+        wanted = None if kind == "auto" else kind
+        if kind != getattr(self, "_asked", None):
+            self.kind = wanted
+            self._asked = kind
+        self.interval = interval
+
+    @property
+    def reads_load(self) -> bool:
+        """False with ``probe = "off"``: readiness only."""
+        return self._asked != "off"
 
     async def probe_once(self) -> Saturation | None:
-        timeout = TIMEOUT
+        if self._asked == "off":
+            return None
         for kind in (self.kind,) if self.kind else KINDS:
-            sat = await self._read(kind, timeout)
+            sat = await self._read(kind, TIMEOUT)
             if sat is not None:
                 if self.kind is None:
                     log.info("upstream %s: load read from %s", self.upstream.name, sat.source)
@@ -121,6 +90,28 @@ class Prober:
             self._warned = True
             log.warning("upstream %s: no load metrics answered (probe auto): latency only", self.upstream.name)
         return None
+
+    async def read(self) -> Reading:
+        """One full reading now (readiness, then load), kept as ``last`` and handed on."""
+        ready, detail = await self.upstream.ready()
+        sat = await self.probe_once()
+        reading = Reading(time.monotonic(), ready, detail, sat)
+        self.last = reading
+        self._first.set()
+        if self._on_reading is not None:
+            self._on_reading(reading)
+        return reading
+
+    async def latest(self, *, wait: float = TIMEOUT) -> Reading | None:
+        """The last reading; before the first one, wait for it (at most ``wait`` seconds), never probe anew.
+        A prober nobody started (an app run without its lifespan) starts its loop here."""
+        if not self.running:
+            self.start()
+        if self.last is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._first.wait()
+        return self.last
 
     async def _read(self, kind: str, timeout: float) -> Saturation | None:
         path = "/api/ps" if kind == "ollama" else "/metrics"
@@ -143,9 +134,10 @@ class Prober:
 
     async def run(self) -> None:
         while True:
-            sat = await self.probe_once()
-            if sat is not None:
-                self._on_saturation(sat)
+            try:
+                await self.read()
+            except Exception:  # a probe reports, never dies
+                log.exception("upstream %s: probe failed", self.upstream.name)
             await asyncio.sleep(self.interval)
 
     @property
@@ -162,11 +154,3 @@ class Prober:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _num(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _int(value: float | None) -> int | None:
-    return None if value is None else round(value)

@@ -126,7 +126,7 @@ async def test_usage_reported_on_the_permit_teaches_the_budget(clock: FakeClock)
     gate = budget_gate(10_000, default_output=100)
     permit = await gate.acquire("batch", "p", prompt_tokens=1000)
     assert permit.tokens == 1100
-    permit.report_usage(ttft=0.1, prompt_tokens=500, output_tokens=2000)
+    permit.report_usage(prompt_tokens=500, output_tokens=2000)
     assert permit.tokens_used == 2500
     permit.release()
     assert gate.budget is not None and gate.budget.output_estimate("p") == 2000
@@ -138,7 +138,7 @@ async def test_usage_reported_on_the_permit_teaches_the_budget(clock: FakeClock)
 async def test_tokens_used_stands_in_the_estimate_for_an_unreported_prompt(clock: FakeClock) -> None:
     gate = Gate("gpu", FixedLimit(1), [BATCH])  # no budget: the estimate still rides on the permit
     permit = await gate.acquire("batch", "p", prompt_tokens=300)
-    permit.report_usage(ttft=None, prompt_tokens=None, output_tokens=25)
+    permit.report_usage(prompt_tokens=None, output_tokens=25)
     assert (permit.tokens, permit.tokens_used) == (0, 325)
     permit.release()
     assert gate.snapshot().tokens_in_flight is None

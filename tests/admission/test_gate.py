@@ -309,14 +309,6 @@ async def test_lowering_the_limit_stops_new_grants_until_below(clock: FakeClock)
     waiting.result().release()
 
 
-async def test_permit_context_manager_releases_on_error(clock: FakeClock) -> None:
-    gate = make_gate(limit=1)
-    with pytest.raises(RuntimeError):
-        async with await gate.acquire("batch", "p"):
-            raise RuntimeError("upstream blew up")
-    assert gate.in_flight == 0
-
-
 async def test_capacity_snapshot_counts(clock: FakeClock) -> None:
     gate = make_gate(limit=3, profiles={"w": ProfilePolicy(max_inflight=2)})
     a = await gate.acquire("batch", "w")

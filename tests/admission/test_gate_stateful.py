@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from gateway_guard.admission.budget import TokenBudget
 from gateway_guard.admission.gate import Gate, LanePolicy, Permit, ProfilePolicy
 from gateway_guard.admission.limit import FixedLimit
+from gateway_guard.admission.policy import BudgetSpec, FixedLimitSpec, Result, UpstreamPolicy
 from gateway_guard.errors import Rejected, UnknownLane
 
 LIMIT = 3
@@ -75,8 +76,8 @@ class GateMachine(RuleBasedStateMachine):
     @rule(i=st.integers(min_value=0), dropped=st.booleans(), output=st.sampled_from([None, 0, 5, 60]))
     def release(self, i: int, dropped: bool, output: int | None) -> None:
         permit = self.held.pop(i % len(self.held))
-        permit.report_usage(ttft=None, prompt_tokens=None, output_tokens=output)  # teaches the budget
-        permit.release(dropped=dropped)
+        permit.report_usage(prompt_tokens=None, output_tokens=output)  # teaches the budget
+        permit.release(Result.DROPPED if dropped else Result.SUCCESS)
         if i % 3 == 0:
             permit.release()  # double release must be harmless
         self.settle()
@@ -110,7 +111,13 @@ class GateMachine(RuleBasedStateMachine):
         lanes = [dataclasses.replace(LANES[1], headroom=batch_headroom)] + ([LANES[0]] if interactive else [])
         profiles = {**PROFILES, "a": ProfilePolicy(max_inflight=cap_a, max_queued=3)}
         before = self.gate.snapshot()
-        self.gate.reconfigure(lanes=lanes, profiles=profiles, aging_seconds=4, budget=TokenBudget(budget))
+        policy = UpstreamPolicy(
+            name="gpu",
+            limit=FixedLimitSpec(value=self.limit.limit),
+            lanes={lane.name: lane for lane in lanes},
+            budget=BudgetSpec(max_context_tokens=budget),
+        )
+        self.gate.reconfigure(policy, profiles=profiles, aging_seconds=4, limit=self.limit)
         self.budget_cap, self.cap_a, self.interactive_open = budget, cap_a, interactive
         after = self.gate.snapshot()
         assert after.queued + (after.in_flight - before.in_flight) == before.queued, "a queued request was lost"

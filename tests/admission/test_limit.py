@@ -9,6 +9,10 @@ import pytest
 
 from gateway_guard.admission.gate import Gate, LanePolicy
 from gateway_guard.admission.limit import HISTORY, AdaptiveLimit, FixedLimit, Saturation
+from gateway_guard.admission.policy import Result
+from gateway_guard.admission.rate import RateLimiter
+from gateway_guard.admission.ticket import Admission
+from gateway_guard.app.asgi import ClientDisconnected
 from gateway_guard.errors import UpstreamTimeout, UpstreamUnavailable
 from tests.admission.conftest import FakeClock, settle
 
@@ -32,7 +36,7 @@ def deferred(waiting: int, running: int = 4) -> Saturation:
 
 
 def full_release(limit: AdaptiveLimit, rtt: float = 1.0, tokens: int | None = 64) -> None:
-    limit.on_sample(rtt=rtt, in_flight=limit.limit, dropped=False, output_tokens=tokens)
+    limit.on_sample(rtt=rtt, in_flight=limit.limit, result=Result.SUCCESS, output_tokens=tokens)
 
 
 def test_starts_at_the_ceiling_and_says_why() -> None:
@@ -100,7 +104,7 @@ def test_rises_by_one_when_full_and_clean_at_most_once_per_interval() -> None:
     full_release(limit)
     assert limit.limit == 4  # not before increase_interval (2 s) since the start
     clock.now += 2.1
-    limit.on_sample(rtt=1.0, in_flight=2, dropped=False)  # demand below the limit: no reason to rise
+    limit.on_sample(rtt=1.0, in_flight=2, result=Result.SUCCESS)  # demand below the limit: no reason to rise
     assert limit.limit == 4
     full_release(limit)
     assert limit.limit == 5 and "up from 4" in limit.reason
@@ -178,15 +182,15 @@ def test_latency_per_token_well_above_its_baseline_means_congestion_when_no_queu
     clock = Clock()
     limit = adaptive(clock, initial=8)
     for _ in range(10):
-        limit.on_sample(rtt=0.64, in_flight=4, dropped=False, output_tokens=64)  # 10 ms a token
+        limit.on_sample(rtt=0.64, in_flight=4, result=Result.SUCCESS, output_tokens=64)  # 10 ms a token
     assert limit.limit == 8
     for _ in range(4):
-        limit.on_sample(rtt=3.2, in_flight=8, dropped=False, output_tokens=64)  # 50 ms a token
+        limit.on_sample(rtt=3.2, in_flight=8, result=Result.SUCCESS, output_tokens=64)  # 50 ms a token
     assert limit.limit == 7 and "latency per output token" in limit.reason
-    limit.on_sample(rtt=3.2, in_flight=7, dropped=False, output_tokens=64)
+    limit.on_sample(rtt=3.2, in_flight=7, result=Result.SUCCESS, output_tokens=64)
     assert limit.limit == 7  # cooldown
     clock.now += 1.1
-    limit.on_sample(rtt=3.2, in_flight=7, dropped=False, output_tokens=64)
+    limit.on_sample(rtt=3.2, in_flight=7, result=Result.SUCCESS, output_tokens=64)
     assert limit.limit == 6
 
 
@@ -194,20 +198,20 @@ def test_latency_is_not_judged_from_short_replies_or_when_the_server_reports_its
     clock = Clock()
     limit = adaptive(clock, initial=8)
     for _ in range(10):
-        limit.on_sample(rtt=0.64, in_flight=4, dropped=False, output_tokens=64)
+        limit.on_sample(rtt=0.64, in_flight=4, result=Result.SUCCESS, output_tokens=64)
     for _ in range(5):
-        limit.on_sample(rtt=9.0, in_flight=4, dropped=False, output_tokens=1)  # a long prompt, one token
-        limit.on_sample(rtt=9.0, in_flight=4, dropped=False, output_tokens=None)
+        limit.on_sample(rtt=9.0, in_flight=4, result=Result.SUCCESS, output_tokens=1)  # a long prompt, one token
+        limit.on_sample(rtt=9.0, in_flight=4, result=Result.SUCCESS, output_tokens=None)
     assert limit.limit == 8
     limit.on_saturation(Saturation(source=LLAMA, waiting=0, running=4), in_flight=4)
     for _ in range(5):
-        limit.on_sample(rtt=3.2, in_flight=4, dropped=False, output_tokens=64)
+        limit.on_sample(rtt=3.2, in_flight=4, result=Result.SUCCESS, output_tokens=64)
     assert limit.limit == 8  # the server says nothing waits: its queue metric wins over latency
 
 
 def test_an_upstream_error_is_a_decrease() -> None:
     limit = adaptive(Clock(), initial=10)
-    limit.on_sample(rtt=0.1, in_flight=10, dropped=True)
+    limit.on_sample(rtt=0.1, in_flight=10, result=Result.DROPPED)
     assert limit.limit == 9 and "error" in limit.reason
 
 
@@ -255,9 +259,9 @@ def test_a_lane_held_at_its_cap_counts_as_demand() -> None:
     clock = Clock()
     limit = adaptive(clock, initial=4)
     clock.now += 2.1
-    limit.on_sample(rtt=1.0, in_flight=3, dropped=False, blocked=False)
+    limit.on_sample(rtt=1.0, in_flight=3, result=Result.SUCCESS, blocked=False)
     assert limit.limit == 4
-    limit.on_sample(rtt=1.0, in_flight=3, dropped=False, blocked=True)  # batch at limit - headroom, queued
+    limit.on_sample(rtt=1.0, in_flight=3, result=Result.SUCCESS, blocked=True)  # batch at limit - headroom, queued
     assert limit.limit == 5
 
 
@@ -275,13 +279,31 @@ async def test_the_gate_reports_a_headroom_bound_lane_as_blocked(clock: FakeCloc
         permit.release()
 
 
-async def test_only_an_upstream_timeout_counts_as_a_drop(clock: FakeClock) -> None:
+async def test_only_an_upstream_failure_counts_as_a_drop(clock: FakeClock) -> None:
     limit = AdaptiveLimit(ceiling=8, clock=clock.time)
-    gate = Gate("gpu", limit, [LanePolicy(name="batch")])
-    for error in (UpstreamUnavailable("down"), OSError("client gone"), UpstreamTimeout("slow")):
+    admission = Admission({"gpu": Gate("gpu", limit, [LanePolicy(name="batch")])}, RateLimiter())
+    for error in (UpstreamUnavailable("down"), ClientDisconnected(), UpstreamTimeout("slow")):
         with contextlib.suppress(Exception):
-            async with await gate.acquire("batch", "p"):
+            async with admission.enter("gpu", "batch", "p"):
                 raise error
         await clock.advance(1.1)
     assert [c.limit for c in limit.history] == [8, 7]
     assert "timeout" in limit.reason
+
+
+async def test_connect_failures_with_requests_queued_never_raise_the_limit(clock: FakeClock) -> None:
+    """Fast connect failures (the upstream is down) say nothing about its capacity: no climb to the ceiling."""
+    limit = AdaptiveLimit(floor=2, ceiling=8, initial=2, increase_interval=0.1, clock=clock.time)
+    admission = Admission({"gpu": Gate("gpu", limit, [LanePolicy(name="batch")])}, RateLimiter())
+
+    async def failing() -> None:
+        with contextlib.suppress(UpstreamUnavailable):
+            async with admission.enter("gpu", "batch", "p"):
+                raise UpstreamUnavailable("connection refused")
+
+    for _ in range(4):
+        tasks = [asyncio.ensure_future(failing()) for _ in range(5)]  # 5 at a time: 3 queue behind the cap
+        for _ in range(5):
+            await clock.advance(0.2)
+        await asyncio.gather(*tasks)
+    assert limit.limit == 2, limit.reason

@@ -6,10 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway_guard.admission.gate import Gate, LanePolicy
-from gateway_guard.admission.limit import FixedLimit
-from gateway_guard.admission.rate import RateLimiter, RatePolicy, admit
-from gateway_guard.errors import DeadlineExceeded, RateLimited
+from gateway_guard.admission.rate import RateLimiter, RatePolicy
+from gateway_guard.errors import RateLimited
 from tests.admission.conftest import FakeClock, settle
 
 
@@ -129,34 +127,3 @@ async def test_reconfigure_keeps_levels_retunes_and_wakes_waiters(clock: FakeClo
     assert waiting.done() and waiting.exception() is None
     rates.reconfigure({}, {})
     assert not rates.active and rates.snapshot() == {}
-
-
-async def test_admit_shares_one_deadline_between_the_rate_wait_and_the_queue(clock: FakeClock) -> None:
-    lane = LanePolicy(name="batch", queue_timeout=10)
-    gate = Gate("gpu", FixedLimit(1), [lane])
-    rates = limiter(profile=RatePolicy(requests_per_minute=15))  # one every 4 s
-    holder = await admit(gate, rates, "batch", "p")
-    for _ in range(14):
-        await rates.admit("batch", "p", max_wait=0)
-    late = asyncio.ensure_future(admit(gate, rates, "batch", "p"))
-    await settle()
-    await clock.advance(4.1)  # the rate wait is over; now it queues for the slot with ~6 s left
-    assert not late.done()
-    await clock.advance(5)
-    assert not late.done()
-    await clock.advance(1)
-    assert isinstance(late.exception(), DeadlineExceeded)
-    holder.release()
-
-
-async def test_admit_adds_the_rate_wait_to_the_queue_wait(clock: FakeClock) -> None:
-    gate = Gate("gpu", FixedLimit(2), [LanePolicy(name="batch", queue_timeout=10)])
-    rates = limiter(profile=RatePolicy(requests_per_minute=60))
-    for _ in range(60):
-        await rates.admit("batch", "p", max_wait=0)
-    task = asyncio.ensure_future(admit(gate, rates, "batch", "p"))
-    await settle()
-    await clock.advance(1.01)
-    permit = task.result()
-    assert permit.queue_wait == pytest.approx(1.01)
-    permit.release()

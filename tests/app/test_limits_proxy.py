@@ -125,4 +125,4 @@ async def test_an_adaptive_upstream_is_probed_from_start_until_close() -> None:
         up = (await client.get("/guard/capacity")).json()["upstreams"]["default"]
         assert up["limit"] == 1 and "deferred" in up["limit_reason"]
         assert [h["limit"] for h in up["limit_history"]] == [8, 1]
-    assert all(p._task is None for p in state.probers)  # stopped by aclose
+    assert all(p._task is None for p in state.probers.values())  # stopped by aclose

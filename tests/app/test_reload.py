@@ -184,14 +184,14 @@ async def test_switching_to_adaptive_and_back(guard: Guard) -> None:
     r = await guard.reload()
     assert r.json()["changes"] == ["upstreams.default: limit 1 -> 6 (adaptive)"]
     adaptive = guard.gate.limit_source
-    assert isinstance(adaptive, AdaptiveLimit) and guard.state.probers == []
+    assert isinstance(adaptive, AdaptiveLimit) and not guard.state.probers["default"].reads_load
     guard.write('max_inflight = 2\nlimit = "adaptive"\nfloor = 2\nceiling = 4\n')
     await guard.reload()
-    assert guard.gate.limit_source is adaptive and adaptive.limit == 4 and len(guard.state.probers) == 1
+    assert guard.gate.limit_source is adaptive and adaptive.limit == 4 and guard.state.probers["default"].reads_load
     guard.write("max_inflight = 2\n")
     await guard.reload()
     assert isinstance(guard.gate.limit_source, FixedLimit) and guard.gate.limit == 2
-    assert guard.state.probers == []
+    assert list(guard.state.probers) == ["default"]  # one prober per upstream, whatever its limit
 
 
 async def test_sighup_reloads_the_file(guard: Guard, caplog: pytest.LogCaptureFixture) -> None:

@@ -69,8 +69,11 @@ class Running:
     url: str
 
 
-def guard_settings(upstream_url: str, *, max_inflight: int = 1, **extra: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {"upstreams": {"default": {"url": upstream_url, "max_inflight": max_inflight}}}
+def guard_settings(
+    upstream_url: str, *, max_inflight: int = 1, probe_interval: float = 0.05, **extra: Any
+) -> dict[str, Any]:
+    up = {"url": upstream_url, "max_inflight": max_inflight, "probe_interval": probe_interval}
+    raw: dict[str, Any] = {"upstreams": {"default": up}}
     raw.update(extra)
     return raw
 

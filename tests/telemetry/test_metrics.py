@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
 
 from gateway_guard.app.factory import build_app
 from gateway_guard.app.state import GuardState
-from gateway_guard.settings import parse_settings
+from gateway_guard.settings import UpstreamSettings, parse_settings
 from gateway_guard.sim import SimConfig
-from gateway_guard.telemetry.metrics import ProfileLabels, parse_saturation
+from gateway_guard.telemetry.metrics import GuardMetrics, ProfileLabels
+from gateway_guard.upstream.client import Upstream
+from gateway_guard.upstream.probe import Prober, Reading
+from gateway_guard.upstream.saturation import saturation_from_metrics
 from tests.telemetry.conftest import chat, guard_settings, running_guard, samples, value
 
 LANES = {"interactive": {"queue_size": 0}, "batch": {"queue_timeout": 0.1}}
@@ -27,6 +32,16 @@ def usage_of_stream(text: str) -> dict[str, int]:
     raise AssertionError("no usage chunk in the stream")
 
 
+async def scrape_until(client: httpx.AsyncClient, name: str, wanted: float) -> dict[Any, float]:
+    """/metrics until the prober's reading shows ``wanted`` (it reads the upstream every 50 ms here)."""
+    async with asyncio.timeout(5):
+        while True:
+            parsed = samples((await client.get("/metrics")).text)
+            if value(parsed, name, **UP) == wanted:
+                return parsed
+            await asyncio.sleep(0.02)
+
+
 async def test_counters_move_by_exactly_the_requests_sent_and_gauges_return_to_zero() -> None:
     sim = SimConfig(tokens_per_second=40.0, ttft=0.02)
     async with running_guard(max_inflight=1, sim=sim, lanes=LANES) as g:
@@ -38,7 +53,7 @@ async def test_counters_move_by_exactly_the_requests_sent_and_gauges_return_to_z
         async with g.client.stream("POST", "/v1/chat/completions", json=chat(20), headers=headers) as long:
             chunks = long.aiter_text()
             body = await chunks.__anext__()
-            during = samples((await g.client.get("/metrics")).text)
+            during = await scrape_until(g.client, "gateway_guard_upstream_requests_processing", 1)
             full = await g.client.post("/v1/chat/completions", json=chat(), headers=headers)
             late = await g.client.post("/v1/chat/completions", json=chat(), headers={"x-guard-lane": "batch"})
             lost = await g.client.post("/v1/chat/completions", json=chat(), headers={"x-guard-lane": "nope"})
@@ -122,22 +137,31 @@ async def test_an_upstream_without_metrics_reads_as_down_and_adds_no_gauges() ->
     assert not [k for k in parsed if k[0].startswith("gateway_guard_upstream_requests_")]
 
 
-def test_upstream_saturation_is_read_from_llamacpp_and_vllm_names() -> None:
+async def test_upstream_saturation_comes_from_the_probers_last_reading() -> None:
     llamacpp = "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 3\n"
     llamacpp += "# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 5\n"
-    assert parse_saturation(llamacpp) == {"requests_processing": 3.0, "requests_deferred": 5.0}
     vllm = (
         "# TYPE vllm:num_requests_running gauge\n"
         'vllm:num_requests_running{model_name="a"} 2\nvllm:num_requests_running{model_name="b"} 1\n'
         '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="a"} 7\n'
         'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n'
     )
-    assert parse_saturation(vllm) == {
-        "requests_processing": 3.0,
-        "requests_deferred": 7.0,
-        "kv_cache_usage_ratio": 0.25,
-    }
-    assert parse_saturation("# an exporter of something else\nprocess_cpu_seconds_total 12\n") is None
+    probers = {}
+    for name, text in (("llama", llamacpp), ("vllm", vllm), ("other", "process_cpu_seconds_total 12\n")):
+        prober = Prober(Upstream(UpstreamSettings(name=name, url="http://127.0.0.1:9")))
+        prober.last = Reading(time.monotonic(), True, "GET /health -> 200", saturation_from_metrics(text))
+        probers[name] = prober
+    parsed = samples((await GuardMetrics({}, probers).render()).decode())
+    assert value(parsed, "gateway_guard_upstream_requests_processing", upstream="llama") == 3
+    assert value(parsed, "gateway_guard_upstream_requests_deferred", upstream="llama") == 5
+    assert value(parsed, "gateway_guard_upstream_requests_processing", upstream="vllm") == 3
+    assert value(parsed, "gateway_guard_upstream_requests_deferred", upstream="vllm") == 7
+    assert value(parsed, "gateway_guard_upstream_kv_cache_usage_ratio", upstream="vllm") == 0.25
+    assert value(parsed, "gateway_guard_upstream_metrics_up", upstream="other") == 0
+    assert value(parsed, "gateway_guard_upstream_ready", upstream="other") == 1
+    assert 0 <= value(parsed, "gateway_guard_upstream_reading_age_seconds", upstream="other") < 60
+    for prober in probers.values():
+        await prober.upstream.aclose()
 
 
 def test_profile_labels_stay_few_whatever_clients_send() -> None:

@@ -12,10 +12,15 @@ from typing import Any
 
 import httpx
 
-from gateway_guard.admission.limit import Saturation
 from gateway_guard.settings import UpstreamSettings
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.probe import Prober, parse_prometheus, saturation_from_metrics, saturation_from_ollama_ps
+from gateway_guard.upstream.probe import Prober, Reading
+from gateway_guard.upstream.saturation import (
+    Saturation,
+    parse_prometheus,
+    saturation_from_metrics,
+    saturation_from_ollama_ps,
+)
 
 LLAMA = """\
 # HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
@@ -124,20 +129,40 @@ async def test_a_server_without_metrics_or_down_reports_nothing() -> None:
 
 
 async def test_the_loop_hands_each_reading_on_until_stopped() -> None:
-    up = upstream(FakeServer({"/metrics": VLLM}))
-    seen: list[Saturation] = []
+    up = upstream(FakeServer({"/metrics": VLLM, "/health": "ok"}))
+    seen: list[Reading] = []
     got_two = asyncio.Event()
 
-    def on_saturation(sat: Saturation) -> None:
-        seen.append(sat)
+    def on_reading(reading: Reading) -> None:
+        seen.append(reading)
         if len(seen) == 2:
             got_two.set()
 
-    prober = Prober(up, on_saturation, kind="vllm", interval=0.01)
+    prober = Prober(up, on_reading, kind="vllm", interval=0.01)
     prober.start()
     prober.start()  # idempotent
     async with asyncio.timeout(5):
         await got_two.wait()
     await prober.stop()
-    assert all(s.source == "vLLM /metrics" for s in seen)
+    assert all(r.ready and r.saturation is not None and r.saturation.source == "vLLM /metrics" for r in seen)
+    await up.aclose()
+
+
+async def test_readers_of_the_last_reading_never_call_the_upstream() -> None:
+    server = FakeServer({"/metrics": LLAMA, "/health": "ok"})
+    up = upstream(server)
+    prober = Prober(up, kind="llamacpp", interval=3600)
+    prober.start()
+    readings = await asyncio.gather(*(prober.latest() for _ in range(150)))  # 150 scrapes at once
+    await prober.stop()
+    assert all(r is readings[0] and r is not None and r.ready for r in readings)
+    assert server.calls == ["/health", "/metrics"]  # one reading, whoever asked
+    await up.aclose()
+
+
+async def test_probe_off_reads_readiness_only() -> None:
+    server = FakeServer({"/metrics": LLAMA, "/health": "ok"})
+    up = upstream(server)
+    reading = await Prober(up, kind="off").read()
+    assert (reading.ready, reading.saturation, server.calls) == (True, None, ["/health"])
     await up.aclose()
