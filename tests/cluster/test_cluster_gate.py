@@ -13,8 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway_guard.admission.cluster.gate import FALLBACK, SHARED, ClusterGate
-from gateway_guard.admission.cluster.spec import ClusterSpec, connect
-from gateway_guard.admission.cluster.store import LeaseStore, prefix_for
+from gateway_guard.admission.cluster.spec import ClusterSpec
+from gateway_guard.admission.cluster.store import LeaseStore, connect, prefix_for
 from gateway_guard.admission.gate import Permit
 from gateway_guard.admission.limit import FixedLimit
 from gateway_guard.admission.policy import LanePolicy, ProfilePolicy, Result

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway_guard.admission.cluster.rates import SharedRateLimiter
-from gateway_guard.admission.cluster.spec import ClusterSpec, connect
+from gateway_guard.admission.cluster.spec import ClusterSpec
+from gateway_guard.admission.cluster.store import connect
 from gateway_guard.admission.policy import RatePolicy
 from gateway_guard.errors import RateLimited
 from tests.support.redis import RedisServer

@@ -1,4 +1,4 @@
-"""The ``[cluster]`` part of the policy, and the Redis client it makes."""
+"""The ``[cluster]`` settings: a leaf (nothing but the standard library), read by ``settings.py``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,15 +29,3 @@ def replica_id(spec: ClusterSpec) -> str:
     """Unique per process, so that ``--workers N`` and a restarted replica never share leases."""
     base = (spec.replica_id or socket.gethostname() or "guard").replace("|", "-")
     return f"{base}:{os.getpid()}:{secrets.token_hex(2)}"
-
-
-def connect(spec: ClusterSpec) -> Redis:
-    """A pooled asyncio client that fails fast (no retries, short timeouts): a slow Redis is a gone Redis."""
-    timeout = spec.redis_timeout
-    return Redis.from_url(
-        spec.redis_url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway_guard.admission.cluster import scripts
+from gateway_guard.admission.cluster.spec import ClusterSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,18 @@ class Ask:
     waited_ms: int
     aging_ms: int
     demand_ttl_ms: int = 0  # > 0: when refused, publish this request as the replica's demand
+
+
+def connect(spec: ClusterSpec) -> Redis:
+    """A pooled asyncio client that fails fast (no retries, short timeouts): a slow Redis is a gone Redis."""
+    timeout = spec.redis_timeout
+    return Redis.from_url(
+        spec.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
 
 
 def prefix_for(upstream: str, namespace: str = "gg") -> str:
