@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from gateway_guard.admission.cluster.spec import ClusterSpec
 from gateway_guard.admission.policy import (
     AdaptiveLimitSpec,
     BudgetSpec,
@@ -99,6 +100,7 @@ class Settings:
     profiles: dict[str, ProfileSettings] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict, repr=False)  # client API key -> profile name
     lane_rates: dict[str, RatePolicy] = field(default_factory=dict)
+    cluster: ClusterSpec | None = None  # [cluster]: the cap shared with other replicas through Redis (restart only)
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -269,8 +271,28 @@ def parse_settings(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None 
         name: _parse_profile(name, body, lanes, upstreams) for name, body in root.table("profiles").items()
     }
     keys = _parse_keys(root.table("keys"), profiles, env)
+    cluster_table = root.table("cluster")
+    cluster = _parse_cluster(_Table(cluster_table, "cluster")) if cluster_table else None
     root.done()
-    return Settings(server=server, upstreams=upstreams, profiles=profiles, keys=keys, lane_rates=lane_rates)
+    return Settings(
+        server=server, upstreams=upstreams, profiles=profiles, keys=keys, lane_rates=lane_rates, cluster=cluster
+    )
+
+
+def _parse_cluster(t: _Table) -> ClusterSpec:
+    d = ClusterSpec()
+    url = t.get("redis_url", str, d.redis_url)
+    if urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError(t.key("redis_url"), "must be a redis://, rediss:// or unix:// URL", "<hidden>")
+    replica = t.get("replica_id", str, None) or None
+    if replica is not None and "|" in replica:
+        raise ConfigError(t.key("replica_id"), "must not contain '|'", replica)
+    lease = t.seconds("lease_seconds", d.lease_seconds)
+    if lease < 0.3:
+        raise ConfigError(t.key("lease_seconds"), "must be at least 0.3 seconds", lease)
+    namespace = t.get("namespace", str, d.namespace)
+    t.done()
+    return ClusterSpec(redis_url=url, replica_id=replica, lease_seconds=lease, namespace=namespace)
 
 
 def _parse_server(t: _Table, env: Mapping[str, str]) -> ServerSettings:

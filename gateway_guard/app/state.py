@@ -9,6 +9,7 @@ and routing. A config reload calls the same ``apply`` with the new policy: gates
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -21,7 +22,10 @@ from gateway_guard.app.classify import Classifier
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry import Telemetry
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.probe import Prober, Reading
+from gateway_guard.upstream.probe import DOWN, LOADING, Prober, Reading
+
+if TYPE_CHECKING:
+    from gateway_guard.admission.cluster import Cluster
 
 READINESS_ONLY = ProbeSpec(kind="off")
 
@@ -31,9 +35,18 @@ class GuardState:
         self.settings = settings
         self.upstreams = {name: Upstream(up, transport=transport) for name, up in settings.upstreams.items()}
         self.gates: dict[str, AdmissionGate] = {}
+        self.cluster: Cluster | None = None  # [cluster]: gates and rates shared with other replicas (Redis)
         self.rates = RateLimiter()
+        if settings.cluster is not None:
+            from gateway_guard.admission.cluster import Cluster  # imports redis: only when asked for
+
+            self.cluster = Cluster(settings.cluster)
+            self.rates = self.cluster.rates
         self.admission = Admission(self.gates, self.rates)
-        self.probers = {name: Prober(up, self._reading_for(name)) for name, up in self.upstreams.items()}
+        self.probers = {
+            name: Prober(up, self._reading_for(name), on_state=self._state_for(name))
+            for name, up in self.upstreams.items()
+        }
         self.telemetry = Telemetry.from_settings(settings, self.gates, self.probers)
         self.policy: Policy | None = None
         self.classifier: Classifier
@@ -51,7 +64,8 @@ class GuardState:
             before = None if gate is None else (gate.limit_source.limit, type(gate.limit_source).__name__)
             limit = build_limit(up.limit, None if gate is None else gate.limit_source)
             if gate is None:
-                gate = self.gates[name] = Gate(name, limit, up.lanes.values(), aging_seconds=policy.aging_seconds)
+                make = Gate if self.cluster is None else self.cluster.gate
+                gate = self.gates[name] = make(name, limit, up.lanes.values(), aging_seconds=policy.aging_seconds)
             gate.reconfigure(up, profiles=policy.profiles, aging_seconds=policy.aging_seconds, limit=limit)
             after = (limit.limit, type(limit).__name__)
             if before is not None and before != after:
@@ -74,10 +88,26 @@ class GuardState:
 
         return on_reading
 
+    def _state_for(self, name: str) -> Callable[[str, str], None]:
+        """An upstream that is down or loading holds its gate: requests wait in their lanes until it is back."""
+
+        def on_state(state: str, detail: str) -> None:
+            gate = self.gates.get(name)
+            if gate is None:
+                return
+            if state in (DOWN, LOADING):
+                gate.hold(f"{state}: {detail}")
+            else:
+                gate.resume()
+
+        return on_state
+
     def start(self) -> None:
         """Start the background work (upstream probes); in the running loop, idempotent."""
         for prober in self.probers.values():
             prober.start()
+        if self.cluster is not None:
+            self.cluster.start()
 
     async def aclose(self) -> None:
         for prober in self.probers.values():
@@ -85,3 +115,5 @@ class GuardState:
         for upstream in self.upstreams.values():
             await upstream.aclose()
         await self.telemetry.aclose()
+        if self.cluster is not None:
+            await self.cluster.aclose()

@@ -44,7 +44,7 @@ return {wait, tostring(level)}
 """
 
 
-class SharedRateLimiter:
+class SharedRateLimiter(RateLimiter):
     """``RateLimiter``'s surface (reconfigure, active, admit, charge, snapshot, waiting), buckets in Redis."""
 
     def __init__(self, redis: Redis, *, replicas: Callable[[], int], namespace: str = "gg") -> None:
@@ -52,27 +52,27 @@ class SharedRateLimiter:
         self._script = redis.register_script(BUCKET)
         self._replicas = replicas
         self._prefix = f"{namespace}:rate"
-        self._requests: dict[str, float] = {}  # bucket name -> per minute
-        self._tokens: dict[str, float] = {}
+        self._rpm: dict[str, float] = {}  # bucket name -> per minute
+        self._tpm: dict[str, float] = {}
         self._levels: dict[str, float] = {}  # as last seen, for snapshot()
         self._lanes: Mapping[str, RatePolicy] = {}
         self._profiles: Mapping[str, RatePolicy] = {}
         self._fallback: RateLimiter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retry_at = 0.0  # in fallback: when to try Redis again
-        self.waiting = 0
+        super().__init__()  # last (it calls reconfigure); its local buckets stay empty: the fallback has its own
 
     def reconfigure(self, lanes: Mapping[str, RatePolicy], profiles: Mapping[str, RatePolicy]) -> None:
         self._lanes, self._profiles = dict(lanes), dict(profiles)
         wanted = {f"lane {n}": p for n, p in lanes.items()} | {f"profile {n}": p for n, p in profiles.items()}
-        self._requests = {k: p.requests_per_minute for k, p in wanted.items() if p.requests_per_minute is not None}
-        self._tokens = {k: p.tokens_per_minute for k, p in wanted.items() if p.tokens_per_minute is not None}
+        self._rpm = {k: p.requests_per_minute for k, p in wanted.items() if p.requests_per_minute is not None}
+        self._tpm = {k: p.tokens_per_minute for k, p in wanted.items() if p.tokens_per_minute is not None}
         if self._fallback is not None:
             self._fallback.reconfigure(*self._shares())
 
     @property
     def active(self) -> bool:
-        return bool(self._requests or self._tokens)
+        return bool(self._rpm or self._tpm)
 
     @property
     def shared(self) -> bool:
@@ -120,13 +120,13 @@ class SharedRateLimiter:
         if self._fallback is not None:
             self._fallback.charge(lane, profile, tokens)
         for key in (f"lane {lane}", f"profile {profile}"):
-            per_minute = self._tokens.get(key)
+            per_minute = self._tpm.get(key)
             if per_minute is not None:
                 self._spawn(self._call("tokens", key, per_minute, tokens, "charge"))
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for kind, rates in (("requests", self._requests), ("tokens", self._tokens)):
+        for kind, rates in (("requests", self._rpm), ("tokens", self._tpm)):
             for key, per_minute in rates.items():
                 entry = out.setdefault(key, {})
                 entry[f"{kind}_per_minute"] = per_minute
@@ -144,9 +144,9 @@ class SharedRateLimiter:
         not over its limit."""
         out = []
         for key in (f"profile {profile}", f"lane {lane}"):
-            if (requests := self._requests.get(key)) is not None:
+            if (requests := self._rpm.get(key)) is not None:
                 out.append(("requests", key, requests, 1.0))
-            if (tokens := self._tokens.get(key)) is not None:
+            if (tokens := self._tpm.get(key)) is not None:
                 out.append(("tokens", key, tokens, 0.0))
         return out
 

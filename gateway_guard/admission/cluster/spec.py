@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterSpec:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may carry a password
     replica_id: str | None = None  # default: host name; the process id and a random tag are always added
     lease_seconds: float = 10.0
     namespace: str = "gg"  # key prefix: guards sharing a Redis but not their caps use different ones
