@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,10 +20,13 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway_guard.dispatch import lock, status
+from gateway_guard.dispatch.board import BoardReader, SchemaUnknown, crash_grace_s
 from gateway_guard.dispatch.capacity import CapacityClient, CapacityUnavailable
-from gateway_guard.dispatch.config import ConfigError, DispatchConfig, load
+from gateway_guard.dispatch.config import DEFAULT_MAX_RUNNING, ConfigError, DispatchConfig, load
 from gateway_guard.dispatch.decide import Policy, Snapshot, decide, needs_queue
-from gateway_guard.dispatch.hermes import Hermes, HermesError, HermesNotFound, resolve_hermes
+from gateway_guard.dispatch.hermes import Board, Hermes, HermesError, HermesNotFound, MaxMeaning, resolve_hermes
+from gateway_guard.dispatch.reserve import Reserver
+from gateway_guard.dispatch.run import Runner
 from gateway_guard.dispatch.tick import Failure, Ticker, format_line
 
 
@@ -35,7 +40,7 @@ class ExitCode(IntEnum):
 
 
 EXIT_CODE_HELP = {
-    ExitCode.OK: "every tick ran (or another guard-dispatch holds the lock: nothing to do)",
+    ExitCode.OK: "every tick ran, run stopped on SIGTERM/SIGINT (or another guard-dispatch holds the lock)",
     ExitCode.CONFIG_ERROR: "bad arguments or config file",
     ExitCode.GUARD_UNAVAILABLE: "the guard gave no capacity: nothing was dispatched (fail closed)",
     ExitCode.HERMES_NOT_FOUND: "no hermes executable (tried --hermes, else HERMES_BIN, else PATH)",
@@ -57,7 +62,10 @@ class Options:
     guard_url: str | None = None
     board: str | None = None
     hermes: str | None = None
-    target: int | None = None
+    target: int | str | None = None
+    max_running: int | None = None
+    no_reserve: bool = False
+    seconds: float | None = None
     lock_file: Path | None = None
     upstream: str | None = None
     dry_run: bool = False
@@ -73,19 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dispatch Hermes kanban cards only into the batch capacity the guard reports: each tick "
         "reads GET <guard>/guard/capacity, counts running cards (hermes kanban list --json) and runs "
         "hermes kanban dispatch --max M so that at most min(free, target - running) more start.",
-        epilog="commands:\n  tick (default)  run --ticks ticks, --interval seconds apart\n"
+        epilog="commands:\n  tick (default)  run --ticks ticks, --interval seconds apart (for cron)\n"
+        "  run             stay in the foreground and dispatch as capacity frees and cards finish (watches\n"
+        "                  GET <guard>/guard/events and the board's SQLite file); stops on SIGTERM/SIGINT\n"
         "  status          the board's ready/running cards per profile beside the guard's capacity\n\n"
         f"exit codes:\n{codes}\n\nWith --ticks N a failed tick does not stop the later ones; the exit code is "
         "that of the first failed tick.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", choices=["tick", "status"], default="tick")
+    parser.add_argument("command", nargs="?", choices=["tick", "run", "status"], default="tick")
     parser.add_argument("--config", type=Path, help="TOML config (see config/dispatch.example.toml)")
     parser.add_argument("--guard-url", help="the guard's base URL (default http://127.0.0.1:8090)")
     parser.add_argument("--board", help="Hermes kanban board slug (default: the CLI's current board)")
     parser.add_argument("--hermes", metavar="PATH", help="hermes executable (else $HERMES_BIN, else PATH)")
-    parser.add_argument("--target", type=_count, help="batch target: running cards to aim for (overrides "
-                        "the config's target and time windows)")
+    parser.add_argument("--target", type=_target, help="batch target: running cards to aim for, or 'auto' "
+                        "(start cards while the guard has free batch slots and no queue, up to --max-running); "
+                        "overrides the config's target and time windows")
+    parser.add_argument("--max-running", type=_count, help="with --target auto: most cards running at once "
+                        "(the host's RAM bound; default 8)")
+    parser.add_argument("--no-reserve", action="store_true", help="run: book no guard slots for new workers")
+    parser.add_argument("--seconds", type=float, help="run: stop after this many seconds")
     parser.add_argument("--upstream", help="read one upstream's batch free slots instead of the total")
     parser.add_argument("--lock-file", type=Path, help="default: <board db>.guard-dispatch.lock")
     parser.add_argument("--dry-run", action="store_true", help="compute and print a tick, dispatch nothing")
@@ -101,6 +116,10 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _target(text: str) -> int | str:
+    return "auto" if text == "auto" else _count(text)
 
 
 def _positive(text: str) -> int:
@@ -123,7 +142,9 @@ def _now() -> datetime:
 def run(
     options: Options, *, env: Mapping[str, str] | None = None, out: TextIO | None = None,
     err: TextIO | None = None, clock: Callable[[], datetime] = _now, sleep: Callable[[float], None] = time.sleep,
+    until: Callable[[], bool] | None = None,
 ) -> ExitCode:
+    """``until``: for ``run``, stop once it returns True (checked every 0.1 s; tests use it)."""
     env = dict(os.environ if env is None else env)
     out = out or sys.stdout
     err = err or sys.stderr
@@ -146,6 +167,8 @@ def run(
     except HermesError as exc:
         return fail(ExitCode.HERMES_FAILED, str(exc))
     meaning = config.max_meaning or version.meaning
+    if options.command == "run":
+        return _run_forever(options, config, hermes, version.label, meaning, board, env, clock, out, until)
     with CapacityClient(config.guard_url, timeout_s=config.guard_timeout_s) as capacity:
         if options.command == "status":
             return _status(options, config, hermes, version.label, str(meaning), board.slug, str(board.db_path),
@@ -180,12 +203,106 @@ def _configure(options: Options) -> DispatchConfig:
     }
     if options.log_json:
         changes["log_json"] = True
-    if options.target is not None:
+    if options.no_reserve:
+        changes["reserve"] = False
+    if options.target == "auto" or (options.target is None and options.max_running is not None):
+        if options.target is None and not config.policy.auto:
+            raise ConfigError("--max-running", options.max_running, "only applies with --target auto")
+        bound = options.max_running if options.max_running is not None else (
+            config.policy.schedule.default_target if config.policy.auto else DEFAULT_MAX_RUNNING)
+        changes["policy"] = Policy(schedule=config.policy.schedule.with_default(bound), pools=config.policy.pools,
+                                   auto=True)
+    elif isinstance(options.target, int):
+        if options.max_running is not None:
+            raise ConfigError("--max-running", options.max_running, "only applies with --target auto")
         changes["policy"] = Policy(schedule=config.policy.schedule.with_default(options.target),
                                    pools=config.policy.pools)
     if options.interval < 0:
         raise ConfigError("--interval", options.interval, "must be >= 0")
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def _run_forever(
+    options: Options, config: DispatchConfig, hermes: Hermes, version: str, meaning: MaxMeaning, board: Board,
+    env: Mapping[str, str], clock: Callable[[], datetime], out: TextIO, until: Callable[[], bool] | None,
+) -> ExitCode:
+    lock_path = config.lock_file or board.db_path.with_name(board.db_path.name + ".guard-dispatch.lock")
+    try:
+        with lock.exclusive(lock_path):
+            reader, reader_error = None, ""
+            try:
+                reader = BoardReader(board.db_path)
+            except SchemaUnknown as exc:
+                reader_error = str(exc)
+            try:
+                return asyncio.run(_serve(options, config, hermes, version, meaning, board, env, clock, out, until,
+                                          reader, reader_error))
+            finally:
+                if reader is not None:
+                    reader.close()
+    except lock.LockBusy as exc:
+        print(f"guard-dispatch: another guard-dispatch is running ({exc}); exiting", file=out, flush=True)
+        return ExitCode.OK
+
+
+async def _serve(
+    options: Options, config: DispatchConfig, hermes: Hermes, version: str, meaning: MaxMeaning, board: Board,
+    env: Mapping[str, str], clock: Callable[[], datetime], out: TextIO, until: Callable[[], bool] | None,
+    reader: BoardReader | None, reader_error: str,
+) -> ExitCode:
+    token = env.get(config.admin_token_env, "")
+    reserver = None
+    if config.reserve and token:
+        reserver = Reserver(config.guard_url, token=token, ttl_s=config.reservation_ttl_s, upstream=config.upstream,
+                            timeout_s=config.guard_timeout_s)
+    runner = Runner(
+        hermes=hermes, board=board, meaning=meaning, policy=config.policy, guard_url=config.guard_url,
+        upstream=config.upstream, reader=reader, reserver=reserver, grace_s=crash_grace_s(env), clock=clock,
+        out=out, log_json=config.log_json, guard_timeout_s=config.guard_timeout_s,
+    )
+    target = config.policy.schedule.default_target
+    runner.log({
+        "event": "start", "mode": "run", "hermes": str(hermes.path), "version": version, "max_meaning": str(meaning),
+        "board": board.slug, "guard": config.guard_url, "board_read": "sqlite" if reader else "cli",
+        "target": f"auto(max_running={target})" if config.policy.auto else target,
+        "reserve": "on" if reserver else ("off: no admin token in $" + config.admin_token_env if config.reserve
+                                           else "off"),
+        **({"board_read_error": reader_error} if reader_error else {}),
+    })
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (RuntimeError, ValueError):  # not the main thread
+            pass
+    watchers = []
+    if options.seconds is not None:
+        watchers.append(loop.call_later(options.seconds, stop.set))
+
+    async def poll_until() -> None:
+        while True:
+            if until is None or until():
+                stop.set()
+                return
+            await asyncio.sleep(0.1)
+
+    poller = asyncio.create_task(poll_until()) if until is not None else None
+    try:
+        await runner.run(stop)
+    finally:
+        for handle in watchers:
+            handle.cancel()
+        if poller is not None:
+            poller.cancel()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    s = runner.stats
+    runner.log({"event": "stop", "board": board.slug, "steps": s.steps, "dispatches": s.dispatches,
+                "spawned": s.spawned, "hermes_calls": s.hermes_calls, "failures": s.failures})
+    return ExitCode.OK
 
 
 def _ticks(ticker: Ticker, options: Options, as_json: bool, out: TextIO, sleep: Callable[[float], None]) -> ExitCode:

@@ -22,8 +22,10 @@ DEFAULT_TARGET = 1
 
 _TOP_KEYS = {
     "guard_url", "upstream", "board", "hermes", "target", "lock_file", "guard_timeout_s", "hermes_timeout_s",
-    "max_meaning", "log_json", "timezone", "window", "pools",
+    "max_meaning", "log_json", "timezone", "window", "pools", "max_running", "reserve", "reservation_ttl_s",
+    "admin_token_env",
 }
+DEFAULT_MAX_RUNNING = 8  # what newer Hermes defaults its host-wide max_in_progress to at most
 
 
 class ConfigError(Exception):
@@ -44,6 +46,9 @@ class DispatchConfig:
     hermes_timeout_s: float = 180.0
     max_meaning: MaxMeaning | None = None
     log_json: bool = False
+    reserve: bool = True
+    reservation_ttl_s: float = 60.0
+    admin_token_env: str = "GUARD_ADMIN_TOKEN"
     policy: Policy = field(default_factory=lambda: Policy(schedule=Schedule(default_target=DEFAULT_TARGET)))
 
 
@@ -65,9 +70,14 @@ def from_mapping(raw: dict[str, Any], *, source: str = "config") -> DispatchConf
             raise ConfigError(key, raw[key], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})", source=source)
     timezone = reader.timezone(raw.get("timezone", "UTC"))
     windows = tuple(reader.window(i, w) for i, w in enumerate(reader.list_of_tables(raw, "window"), 1))
-    schedule = Schedule(
-        default_target=reader.count(raw, "target", DEFAULT_TARGET), timezone=timezone, windows=windows
-    )
+    auto = raw.get("target") == "auto"
+    if auto:
+        target = reader.count(raw, "max_running", DEFAULT_MAX_RUNNING)
+    else:
+        target = reader.count(raw, "target", DEFAULT_TARGET)
+        if "max_running" in raw:
+            raise ConfigError("max_running", raw["max_running"], 'only applies with target = "auto"', source=source)
+    schedule = Schedule(default_target=target, timezone=timezone, windows=windows)
     meaning = reader.string(raw, "max_meaning") or "auto"
     if meaning not in {"auto", *MaxMeaning}:
         raise ConfigError("max_meaning", meaning, "must be auto, running_cap or per_pass", source=source)
@@ -82,7 +92,10 @@ def from_mapping(raw: dict[str, Any], *, source: str = "config") -> DispatchConf
         hermes_timeout_s=reader.seconds(raw, "hermes_timeout_s", 180.0),
         max_meaning=None if meaning == "auto" else MaxMeaning(meaning),
         log_json=reader.boolean(raw, "log_json"),
-        policy=Policy(schedule=schedule, pools=reader.pools(raw.get("pools", {}))),
+        reserve=reader.boolean(raw, "reserve", True),
+        reservation_ttl_s=reader.seconds(raw, "reservation_ttl_s", 60.0),
+        admin_token_env=reader.string(raw, "admin_token_env") or "GUARD_ADMIN_TOKEN",
+        policy=Policy(schedule=schedule, pools=reader.pools(raw.get("pools", {})), auto=auto),
     )
 
 
@@ -101,8 +114,8 @@ class _Reader:
             raise self.fail(key, value, "must be a non-empty string")
         return value
 
-    def boolean(self, raw: dict[str, Any], key: str) -> bool:
-        value = raw.get(key, False)
+    def boolean(self, raw: dict[str, Any], key: str, default: bool = False) -> bool:
+        value = raw.get(key, default)
         if not isinstance(value, bool):
             raise self.fail(key, value, "must be true or false")
         return value
@@ -110,7 +123,8 @@ class _Reader:
     def count(self, raw: dict[str, Any], key: str, default: int, *, where: str = "") -> int:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(where + key, value, "must be a whole number >= 0")
+            allowed = ' or "auto"' if key == "target" and not where else ""
+            raise self.fail(where + key, value, f"must be a whole number >= 0{allowed}")
         return value
 
     def seconds(self, raw: dict[str, Any], key: str, default: float) -> float:

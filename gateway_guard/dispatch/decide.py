@@ -30,6 +30,7 @@ class Stop(StrEnum):
     POOL = "pool"
     PROFILE_FREE = "profile_free"
     QUEUE_EMPTY = "queue_empty"
+    GUARD_QUEUED = "guard_queued"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,8 +44,12 @@ class Pool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
+    """``auto``: the target is the schedule's (``max_running``, the host's bound), and no card starts while
+    the guard's batch lane has requests waiting: cards start while the GPU has free, unreserved slots."""
+
     schedule: Schedule
     pools: tuple[Pool, ...] = ()
+    auto: bool = False
 
     def pool_of(self, profile: str | None) -> Pool | None:
         for pool in self.pools:
@@ -67,12 +72,14 @@ class Snapshot:
 
     ``ready`` is None when the queue was not read (no pool or per-profile limit needs it).
     ``profile_free`` holds the guard's free slots for the profiles it limits; others are unlimited.
+    ``queued``: batch requests waiting in the guard (only the automatic target looks at it).
     """
 
     free: int
     running: Mapping[str, int]
     ready: Sequence[ReadyCard] | None = None
     profile_free: Mapping[str, int] = field(default_factory=dict)
+    queued: int = 0
 
     @property
     def running_total(self) -> int:
@@ -105,7 +112,9 @@ def decide(policy: Policy, snapshot: Snapshot, now: datetime) -> Decision:
     running = snapshot.running_total
     room = max(0, target.value - running)
     base = min(free, room)
-    if free == 0:
+    if policy.auto and snapshot.queued > 0:
+        base, base_stop = 0, Stop.GUARD_QUEUED
+    elif free == 0:
         base_stop = Stop.GUARD_FULL
     elif room == 0:
         base_stop = Stop.AT_TARGET

@@ -1,0 +1,222 @@
+"""``guard-dispatch run`` against the real hermes CLI, real boards and the real guard (its own process).
+
+Workers are the test's stand-in script (``HERMES_BIN``): each holds its card until the test releases it,
+so the test decides when a card finishes and reads from the board's own timestamps when the next started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway_guard.dispatch import lock
+from gateway_guard.dispatch.board import pid_alive
+from gateway_guard.dispatch.cli import ExitCode, Options, run
+from tests.dispatch.conftest import REPO, CapacityServer, HermesBoard, RunningMonitor, free_port, guard_process
+
+pytestmark = pytest.mark.hermes
+pytest.importorskip("gateway_guard.app.events", reason="the guard's event stream is not in this tree")
+
+TOKEN = "dispatch-admin-token"
+GUARD_CONFIG = """
+[server]
+host = "127.0.0.1"
+default_lane = "batch"
+admin_token = "{token}"
+
+[lanes.batch]
+headroom = 0
+
+[upstreams.llm]
+url = "http://127.0.0.1:9"
+max_inflight = {slots}
+"""
+
+
+@contextlib.contextmanager
+def real_guard(tmp_path: Path, slots: int) -> Iterator[str]:
+    config = tmp_path / "guard.toml"
+    config.write_text(GUARD_CONFIG.format(token=TOKEN, slots=slots))
+    with guard_process(["--config", str(config)], tmp_path / "guard.log", port=free_port()) as url:
+        yield url
+
+
+class Background:
+    """``run()`` of guard-dispatch run in a thread until ``stop()``; its JSON log lines as they come."""
+
+    def __init__(self, board: HermesBoard, guard_url: str, **options: Any) -> None:
+        self.out = io.StringIO()
+        self._stop = threading.Event()
+        env = dict(board.env, GUARD_ADMIN_TOKEN=TOKEN)
+        opts = Options(command="run", hermes=str(board.hermes), guard_url=guard_url, log_json=True, **options)
+        self.code: ExitCode | None = None
+
+        def target() -> None:
+            self.code = run(opts, env=env, out=self.out, err=self.out, until=self._stop.is_set)
+
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+
+    def lines(self, event: str | None = None) -> list[dict[str, Any]]:
+        parsed = [json.loads(line) for line in self.out.getvalue().splitlines() if line.startswith("{")]
+        return [p for p in parsed if event is None or p.get("event") == event]
+
+    def stop(self) -> ExitCode | None:
+        self._stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive(), self.out.getvalue()
+        return self.code
+
+
+def wait(what: str, predicate: Callable[[], bool], timeout: float = 60.0, board: HermesBoard | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}" +
+                                 (f"; board {board.counts()}" if board else ""))
+        time.sleep(0.05)
+
+
+def times(board: HermesBoard) -> dict[str, tuple[int | None, int | None]]:
+    rows = board._query("SELECT id, started_at, completed_at FROM tasks")
+    return {str(i): (s, c) for i, s, c in rows}
+
+
+def test_run_keeps_the_target_and_refills_a_finished_card_at_once(
+    board: HermesBoard, monitor: RunningMonitor, tmp_path: Path
+) -> None:
+    ids = board.create(["worker1", "worker2"] * 3, priorities=[6, 5, 4, 3, 2, 1])
+    with real_guard(tmp_path, slots=4) as url:
+        bg = Background(board, url, target=2)
+        try:
+            wait("2 spawned", lambda: sum(int(d["spawned"]) for d in bg.lines("dispatch")) == 2, board=board)
+            first = [task for task, _ in board.running()]
+            idle_calls = len(bg.lines("dispatch"))
+            time.sleep(1.5)  # nothing changes: no hermes call may happen meanwhile
+            assert len(bg.lines("dispatch")) == idle_calls
+            refills = []
+            for task in first:
+                board.release(task)
+                board.wait_done(task)
+                wait("a refill", lambda: len(board.running()) == 2, board=board)
+                done_at = times(board)[task][1]
+                newest = max((times(board)[t][0] or 0) for t, _ in board.running())
+                refills.append(newest - (done_at or 0))
+            board.release_all()
+            board.wait_done(*ids, timeout=90)
+        finally:
+            code = bg.stop()
+    assert code is ExitCode.OK
+    assert monitor.max_running == 2
+    assert all(r <= 2 for r in refills), refills  # board timestamps: the next card started within 2 s
+    dispatches = bg.lines("dispatch")
+    assert sum(int(d["spawned"]) for d in dispatches) == 6
+    assert len(dispatches) <= 6  # one hermes call per dispatch, none while idle
+    assert all(int(d["running"]) + int(d["asked"]) <= 2 for d in dispatches)
+    start = bg.lines("start")[0]
+    assert start["board_read"] == "sqlite" and start["reserve"] == "on"
+    assert bg.lines("stop")[0]["hermes_calls"] == len(dispatches)
+
+
+def test_nothing_is_dispatched_while_the_guard_is_down(
+    board: HermesBoard, capacity_server: CapacityServer
+) -> None:
+    """The capacity server has no /guard/events (404): guard-dispatch polls /guard/capacity instead."""
+    capacity_server.report_free(3)
+    ids = board.create(["worker1", "worker2", "worker1"])
+    bg = Background(board, capacity_server.url, target=2)
+    try:
+        wait("2 running", lambda: len(board.running()) == 2, board=board)
+        capacity_server.status = 503
+        wait("the guard seen down", lambda: bool(bg.lines("guard_down")), timeout=30)
+        running = [t for t, _ in board.running()]
+        board.release(*running)
+        board.wait_done(*running)
+        time.sleep(2.0)  # a card finished and the target has room: still nothing may start
+        assert board.running() == [], bg.out.getvalue()
+        assert sum(int(d["spawned"]) for d in bg.lines("dispatch")) == 2
+        capacity_server.status = 200
+        wait("the last card started", lambda: len(board.running()) == 1, board=board)
+        board.release_all()
+        board.wait_done(*ids)
+    finally:
+        bg.stop()
+    assert bg.lines("guard_up") and bg.lines("guard_down")
+
+
+def test_two_boards_sharing_one_guard_never_overbook(
+    board: HermesBoard, hermes_bin: Path, hermes_template: Path, tmp_path: Path
+) -> None:
+    """Each dispatcher alone would fill all 3 slots; the reservations keep the two together at 3."""
+    other = HermesBoard(hermes_bin, tmp_path / "other", hermes_template)
+    total = {"max": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                total["max"] = max(total["max"], len(board.running()) + len(other.running()))
+            stop.wait(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        board.create(["worker1", "worker2"] * 2)
+        other.create(["worker1", "worker2"] * 2)
+        with real_guard(tmp_path, slots=3) as url:
+            first = Background(board, url, target="auto", max_running=4)
+            second = Background(other, url, target="auto", max_running=4)
+            try:
+                wait("3 running over both boards", lambda: len(board.running()) + len(other.running()) >= 3)
+                time.sleep(3.0)  # both keep watching: neither may start a fourth
+            finally:
+                first.stop()
+                second.stop()
+    finally:
+        stop.set()
+        sampler.join(5)
+        other.release_all()
+        board.release_all()
+        wait("both boards idle", lambda: not board.running() and not other.running())
+        other.close()
+    assert total["max"] == 3
+    assert all(d.get("reserved", 0) == d["spawned"] for d in first.lines("dispatch") + second.lines("dispatch"))
+
+
+def test_sigterm_stops_at_once_and_leaves_no_orphan_and_no_lock(board: HermesBoard, tmp_path: Path) -> None:
+    ids = board.create(["worker1", "worker2", "worker1"])
+    with real_guard(tmp_path, slots=4) as url:
+        log = tmp_path / "dispatch.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway_guard.dispatch.cli", "run", "--hermes", str(board.hermes),
+                 "--guard-url", url, "--target", "2", "--log-json"],
+                cwd=REPO, env=dict(board.env, GUARD_ADMIN_TOKEN=TOKEN), stdout=out, stderr=subprocess.STDOUT,
+            )
+            try:
+                wait("2 running", lambda: len(board.running()) == 2, board=board)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0, log.read_text()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    lock_path = board.db.with_name(board.db.name + ".guard-dispatch.lock")
+    assert not lock.is_held(lock_path) and not lock.is_held(board.db.with_name(board.db.name + ".dispatch.lock"))
+    running = board._query("SELECT id, worker_pid FROM tasks WHERE status = 'running'")
+    assert len(running) == 2 and all(pid and pid_alive(int(pid)) for _, pid in running)  # each card has its worker
+    assert '"event":"stop"' in log.read_text()
+    board.release_all()
+    board.wait_done(*[str(t) for t, _ in running])
+    assert board.counts().get("ready") == len(ids) - 2  # nothing started after the stop
