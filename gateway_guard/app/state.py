@@ -22,7 +22,7 @@ from gateway_guard.app.classify import Classifier
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry import Telemetry
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.probe import DOWN, LOADING, Prober, Reading
+from gateway_guard.upstream.probe import Prober, Reading
 
 if TYPE_CHECKING:
     from gateway_guard.admission.cluster import Cluster
@@ -43,10 +43,7 @@ class GuardState:
             self.cluster = Cluster(settings.cluster)
             self.rates = self.cluster.rates
         self.admission = Admission(self.gates, self.rates)
-        self.probers = {
-            name: Prober(up, self._reading_for(name), on_state=self._state_for(name))
-            for name, up in self.upstreams.items()
-        }
+        self.probers = {name: Prober(up, self._reading_for(name)) for name, up in self.upstreams.items()}
         self.telemetry = Telemetry.from_settings(settings, self.gates, self.probers)
         self.policy: Policy | None = None
         self.classifier: Classifier
@@ -87,20 +84,6 @@ class GuardState:
                 gate.on_saturation(reading.saturation)
 
         return on_reading
-
-    def _state_for(self, name: str) -> Callable[[str, str], None]:
-        """An upstream that is down or loading holds its gate: requests wait in their lanes until it is back."""
-
-        def on_state(state: str, detail: str) -> None:
-            gate = self.gates.get(name)
-            if gate is None:
-                return
-            if state in (DOWN, LOADING):
-                gate.hold(f"{state}: {detail}")
-            else:
-                gate.resume()
-
-        return on_state
 
     def start(self) -> None:
         """Start the background work (upstream probes); in the running loop, idempotent."""
