@@ -159,7 +159,7 @@ class Runner:
         ready = list(state.ready) if needs_queue(self.policy, profile_free) else None
         decision = decide(self.policy, Snapshot(free=free, running=running, ready=ready, profile_free=profile_free,
                                                 queued=queued), self.clock())
-        add = min(decision.add, state.spawnable)
+        add = min(decision.add, state.spawnable + len(due))  # a reclaimed card is ready again in the same pass
         if add > 0 and self._stalled is not None:
             version, at = self._stalled
             if self._version == version and time.monotonic() - at < STALL_HOLD_S:
@@ -188,7 +188,7 @@ class Runner:
         }
         try:
             if add > 0:
-                bookings, add = await self._book(_claim_order(state, add), add)
+                bookings, add = await self._book(_claim_order(state, add, due), add)
                 fields["reserved"] = sum(b.n for b in bookings)
             max_ = self.meaning.max_for(decision.running, add)
             if add == 0 and not due and not state.overdue:
@@ -265,11 +265,13 @@ class Runner:
                 await self.reserver.cancel(booking)
 
 
-def _claim_order(state: BoardState, add: int) -> list[str]:
-    """The profiles of the next ``add`` cards Hermes will claim (priority, then age); a promotable todo
-    card's profile is unknown until the pass promotes it, so it books under the first ready profile."""
+def _claim_order(state: BoardState, add: int, reclaimed: list[RunningCard]) -> list[str]:
+    """The profiles of the next ``add`` cards Hermes will claim (priority, then age; cards this pass reclaims
+    after them); a promotable todo card's profile is unknown until the pass promotes it, so it books under
+    the first ready profile."""
     order = sorted((c for c in state.ready if c.assignee), key=lambda c: (-c.priority, c.created_at))
-    profiles = [str(c.assignee) for c in order[:add]]
+    profiles = [str(c.assignee) for c in order[:add]] + [c.assignee for c in reclaimed if c.assignee]
+    profiles = profiles[:add]
     while len(profiles) < add:
         profiles.append(profiles[0] if profiles else "")
     return profiles
