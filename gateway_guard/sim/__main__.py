@@ -33,7 +33,8 @@ Modes:
             A reply is min(max_tokens, --max-output-tokens) tokens after a --ttft prefill.
   scripted  like generate, but a request offering Hermes Agent's kanban_complete tool is answered with a
             kanban_complete call, and the turn after its result with a short final text, so real
-            Hermes kanban workers finish their cards.
+            Hermes kanban workers finish their cards. --steps K > 1 makes a card K tool turns
+            (kanban_show, terminal `sleep --tool-seconds`, kanban_comment, ..., kanban_complete).
   zero      no delays and no slot limit: replies at once (for measuring a proxy's own overhead).
 """
 
@@ -90,6 +91,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SimConfig, argparse.Namespac
         help="serve the Ollama API emulation (/api/*); --no-ollama answers 404 there, as llama.cpp does, so\n"
         "clients that probe /api/tags (Hermes) take the sim for llama.cpp (default: %(default)s)",
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.steps,
+        help="scripted: tool-calling turns per card (kanban_show, terminal, kanban_comment, ..., kanban_complete\n"
+        "last); a card then takes steps + 1 LLM calls (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tool-seconds",
+        type=float,
+        default=defaults.tool_seconds,
+        help="scripted: how long the terminal step sleeps (tool time, no GPU slot held) (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -104,6 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SimConfig, argparse.Namespac
             embedding_dim=args.embedding_dim,
             context_length=args.context_length,
             ollama=args.ollama,
+            steps=args.steps,
+            tool_seconds=args.tool_seconds,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -28,6 +28,8 @@ class SimConfig:
     mode: ``generate`` (GPU-like delays), ``scripted`` (delays, and answers Hermes kanban workers with a
     ``kanban_complete`` tool call), ``zero`` (no delays, no slot limit: for measuring proxy overhead).
     context_length: the window reported to clients (Hermes refuses one under 64K) and enforced on prompts.
+    steps, tool_seconds (scripted): a card takes ``steps`` tool-calling turns, the last ``kanban_complete``,
+    the ones before it ``kanban_show``, ``terminal`` (``sleep tool_seconds``) and ``kanban_comment`` in turn.
     ollama: serve the Ollama emulation (``/api/*``). Clients such as Hermes probe ``GET /api/tags`` to tell
     Ollama from llama.cpp; with ``ollama=False`` those routes answer 404 as llama.cpp does.
     """
@@ -42,18 +44,20 @@ class SimConfig:
     embedding_dim: int = 16
     context_length: int = 131072
     ollama: bool = True
+    steps: int = 1
+    tool_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(Mode):
             raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(get_args(Mode))}")
         if not self.model_id:
             raise ValueError("model_id: must not be empty")
-        for key in ("slots", "max_output_tokens", "embedding_dim", "context_length"):
+        for key in ("slots", "max_output_tokens", "embedding_dim", "context_length", "steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
         if not self.tokens_per_second > 0:
             raise ValueError(f"tokens_per_second: must be > 0, got {self.tokens_per_second!r}")
-        for key in ("ttft", "batch_slowdown"):
+        for key in ("ttft", "batch_slowdown", "tool_seconds"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
 

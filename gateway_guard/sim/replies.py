@@ -6,12 +6,22 @@ is one ``kanban_complete`` call. Its arguments follow Hermes Agent 0.19.0 (``too
 ``_handle_complete``): ``summary`` or ``result`` is required, ``metadata`` is a free-form dict, and
 ``task_id`` defaults to the worker's ``HERMES_KANBAN_TASK``, so it is left out. Once the tool's result is in
 the conversation, the reply is a short final text, and the worker ends.
+
+Multi-step (``SimConfig.steps`` = K > 1), the shape of real agent work: the K tool-calling turns are
+``kanban_show``, then ``terminal`` (``sleep tool_seconds``: tool time in which the card holds no GPU slot)
+and ``kanban_comment`` in turn, and ``kanban_complete`` last; K + 1 LLM calls a card. The turn is counted
+from the assistant tool calls already in the conversation. These tools run unattended in a kanban worker
+(Hermes 0.19.0): the kanban tools act on the worker's own task (``HERMES_KANBAN_TASK``), and ``terminal``
+asks for approval only for commands matching ``tools/approval.py``'s dangerous patterns (``sleep`` does
+not); ``clarify`` would wait for a human and ``delegate_task`` would start more agents, so the script
+uses neither.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +30,9 @@ from typing import Any
 from gateway_guard.sim.model import SimConfig
 
 KANBAN_COMPLETE = "kanban_complete"
+STEP_TOOLS = ("kanban_show", "terminal", "kanban_comment")
+COMMENT = "Simulated progress note from the gateway_guard sim."
+TASK_ID = re.compile(r"\bt_[0-9a-f]{4,}\b")
 WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do")
 FINAL_TEXT = "Done: the card is marked complete."
 SUMMARY = "Simulated work: the gateway_guard sim answered this card; no real work was done."
@@ -177,9 +190,40 @@ def scripted_reply(
     if has_tool_result(messages, KANBAN_COMPLETE):
         words = FINAL_TEXT.split(" ")
         return Reply(tuple((" " if i else "") + w for i, w in enumerate(words)), "stop")
-    arguments = json.dumps(kanban_complete_arguments(config))
+    name, args = next_step(messages, tools, config)
+    arguments = json.dumps(args)
     n_pieces = max(1, min(n_tokens, estimate_tokens(arguments)))
     size = math.ceil(len(arguments) / n_pieces)
     pieces = tuple(arguments[i : i + size] for i in range(0, len(arguments), size))
-    call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=KANBAN_COMPLETE, arguments=arguments)
+    call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name, arguments=arguments)
     return Reply(pieces, "tool_calls", call)
+
+
+def turns_taken(messages: Sequence[Mapping[str, Any]]) -> int:
+    return sum(1 for m in messages if m.get("role") == "assistant" and m.get("tool_calls"))
+
+
+def task_id(messages: Sequence[Mapping[str, Any]]) -> str | None:
+    for message in messages:
+        if message.get("role") == "user":
+            found = TASK_ID.search(_content_text(message.get("content")))
+            if found:
+                return found.group(0)
+    return None
+
+
+def next_step(messages: Sequence[Mapping[str, Any]], tools: object, config: SimConfig) -> tuple[str, dict[str, Any]]:
+    """The tool call of this turn of the script: ``kanban_complete`` on the last turn (or when the tool the
+    script wants is not offered, or no task id is known for a comment)."""
+    turn = turns_taken(messages)
+    if turn < config.steps - 1:
+        name = STEP_TOOLS[turn % len(STEP_TOOLS)]
+        if offers_tool(tools, name):
+            if name == "kanban_show":
+                return name, {}
+            if name == "terminal":
+                return name, {"command": f"sleep {config.tool_seconds:g}", "timeout": int(config.tool_seconds) + 60}
+            tid = task_id(messages)
+            if tid is not None:
+                return name, {"task_id": tid, "body": COMMENT}
+    return KANBAN_COMPLETE, kanban_complete_arguments(config)
