@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -57,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (default 8090)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N processes on one socket; only with [cluster] in the config (the cap shared through Redis)",
+    )
     sim = p.add_argument_group("built-in simulated upstream")
     sim.add_argument("--simulate", action="store_true", help="start the simulated GPU server and guard it")
     sim.add_argument("--sim-port", type=int, default=0, help="its port on 127.0.0.1 (default: a free one)")
@@ -98,7 +108,10 @@ def configure_logging(level: str, as_json: bool) -> None:
 
 
 async def serve(
-    settings: Settings, sim: uvicorn.Config | None = None, reload_from: Callable[[], Settings] | None = None
+    settings: Settings,
+    sim: uvicorn.Config | None = None,
+    reload_from: Callable[[], Settings] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     app = build_app(settings, reload_from=reload_from)
     app.state.reloader.install_sighup()  # kill -HUP <pid>: re-read the config, keep every request
@@ -115,7 +128,8 @@ async def serve(
     if sim is not None:
         servers.insert(0, uvicorn.Server(sim))
     log.info("gateway-guard listening on http://%s:%d", settings.server.host, settings.server.port)
-    await asyncio.gather(*(s.serve() for s in servers))
+    shared = None if sock is None else [sock]  # --workers: the socket the parent bound, shared by all
+    await asyncio.gather(*(s.serve(sockets=shared if s.config is config else None) for s in servers))
     if not all(s.started for s in servers):
         raise OSError("a server did not start (is the port in use?)")
 
@@ -145,6 +159,8 @@ def run(args: argparse.Namespace) -> ExitCode:
         print(f"gateway-guard: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
     configure_logging(settings.server.log_level, settings.server.log_json)
+    if args.workers != 1:
+        return run_workers(args, settings)
     if sim_url:
         log.info("simulated upstream (%s mode, %d slots) on %s", args.sim_mode, args.sim_slots, sim_url)
     try:
@@ -159,6 +175,55 @@ def run(args: argparse.Namespace) -> ExitCode:
     except KeyboardInterrupt:
         pass
     return ExitCode.OK
+
+
+def run_workers(args: argparse.Namespace, settings: Settings) -> ExitCode:
+    """``--workers N``: N processes serving one listening socket, each with its own gates, which is safe only
+    when the gates share their cap through Redis (``[cluster]``); SIGTERM / SIGINT / SIGHUP go to every worker."""
+    if args.workers < 1 or args.simulate or settings.cluster is None:
+        why = (
+            "must be >= 1" if args.workers < 1
+            else "cannot be combined with --simulate" if args.simulate
+            else "needs a [cluster] section (redis_url): without a shared gate, N processes would each let the "
+            "whole cap through. See docs/cluster.md"
+        )  # fmt: skip
+        print(f"gateway-guard: --workers {args.workers} {why}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    try:
+        sock = socket.create_server((settings.server.host, settings.server.port), backlog=2048, reuse_port=False)
+    except OSError as exc:
+        log.error("start-up failed: %s", exc)
+        return ExitCode.STARTUP_FAILURE
+    sock.set_inheritable(True)
+    children: list[int] = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: its own loop, gates and Redis connections, on the shared socket
+            code = ExitCode.OK
+            try:
+                with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                    runner.run(serve(settings, reload_from=lambda: settings_from_args(args), sock=sock))
+            except KeyboardInterrupt:
+                pass
+            except Exception as exc:
+                log.error("worker %d failed: %s", os.getpid(), exc)
+                code = ExitCode.STARTUP_FAILURE
+            os._exit(code)
+        children.append(pid)
+    sock.close()
+    log.info("gateway-guard: %d workers (%s) on http://%s:%d", len(children), children, settings.server.host,
+             settings.server.port)  # fmt: skip
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT)
+    return ExitCode.OK if all(code in stopped for code in codes) else ExitCode.STARTUP_FAILURE
 
 
 def main(argv: list[str] | None = None) -> None:

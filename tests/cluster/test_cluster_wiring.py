@@ -72,3 +72,13 @@ async def test_a_guard_with_cluster_admits_through_leases(shared_redis: RedisSer
                 assert await redis.zcard(leases) == 0  # released (the release runs just after the response)
             finally:
                 await redis.aclose()
+
+
+def test_the_cluster_example_config_parses() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "config" / "cluster" / "guard.cluster.toml"
+    settings = load_settings(path, environ={"GUARD__CLUSTER__REPLICA_ID": "guard-a"})
+    assert settings.cluster is not None
+    assert (settings.cluster.replica_id, settings.cluster.lease_seconds) == ("guard-a", 10)
+    assert settings.upstreams["gpu"].max_inflight == 4
