@@ -6,7 +6,9 @@ connections it accepted and the requests it read whole (so a test can tell wheth
         ...
 
 ``handler`` reads with ``await upstream.read_request(reader)`` and answers with ``writer.write(...)``; ``abort(writer)``
-resets the connection (RST) instead of closing it.
+resets the connection (RST) instead of closing it. With ``answer_probes`` (the default), GET requests (a guard's
+health probes) are answered ``200 {}`` by ``read_request`` itself and not counted: the upstream is healthy, only
+its answers to the scripted requests misbehave.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def abort(writer: asyncio.StreamWriter) -> None:
 
 
 class ScriptedUpstream:
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, *, answer_probes: bool = True) -> None:
         self.handler = handler
+        self.answer_probes = answer_probes
+        self._writers: dict[asyncio.StreamReader, asyncio.StreamWriter] = {}
         self.connections = 0
         self.requests: list[bytes] = []
         self.request_seen = asyncio.Event()
@@ -45,24 +49,30 @@ class ScriptedUpstream:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers[reader] = writer
         try:
             await self.handler(self, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            del self._writers[reader]
             writer.close()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        """One whole request (head + Content-Length body), counted."""
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        request = head + await reader.readexactly(length)
-        self.requests.append(request)
-        self.request_seen.set()
-        return request
+        """The next whole request (head + Content-Length body) that is not a probe, counted."""
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            request = head + await reader.readexactly(length)
+            if self.answer_probes and head.startswith(b"GET "):
+                self._writers[reader].write(OK)
+                continue
+            self.requests.append(request)
+            self.request_seen.set()
+            return request
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[str]:
