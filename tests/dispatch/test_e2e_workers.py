@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway_guard.dispatch.cli import ExitCode, Options, run
@@ -57,6 +58,24 @@ def sim_url() -> Iterator[str]:
         yield url
 
 
+def point_profiles_at(board: HermesBoard, guard_url: str) -> None:
+    """Real workers: each profile's LLM is the guard, with the profile's own key."""
+    board.env["HERMES_BIN"] = str(board.hermes)
+
+    def configure(profile: str, key: str) -> None:
+        # one profile's settings one after another: `config set` rewrites the whole config.yaml, so two
+        # concurrent sets on one profile lose a write (seen: base_url lost, workers fell back to OpenRouter)
+        for name, value in (("model.provider", "custom"), ("model.base_url", f"{guard_url}/v1"),
+                            ("model.api_key", key), ("model.default", "sim")):
+            board.cli("-p", profile, "config", "set", name, value)
+
+    with ThreadPoolExecutor(len(PROFILES)) as pool:
+        list(pool.map(lambda item: configure(*item), PROFILES.items()))
+    for profile, key in PROFILES.items():
+        text = (board.home / "profiles" / profile / "config.yaml").read_text()
+        assert f"{guard_url}/v1" in text and key in text, text
+
+
 def test_six_cards_real_workers_through_the_guard(
     board: HermesBoard, monitor: RunningMonitor, sim_url: str, tmp_path: Path
 ) -> None:
@@ -64,19 +83,7 @@ def test_six_cards_real_workers_through_the_guard(
     config.write_text(GUARD_CONFIG.format(sim=sim_url))
     log = tmp_path / "guard.log"
     with guard_process(["--config", str(config)], log, port=free_port()) as guard_url:
-        board.env["HERMES_BIN"] = str(board.hermes)  # real workers this time
-        def configure(profile: str, key: str) -> None:
-            # one profile's settings one after another: `config set` rewrites the whole config.yaml, so two
-            # concurrent sets on one profile lose a write (seen: base_url lost, workers fell back to OpenRouter)
-            for name, value in (("model.provider", "custom"), ("model.base_url", f"{guard_url}/v1"),
-                                ("model.api_key", key), ("model.default", "sim")):
-                board.cli("-p", profile, "config", "set", name, value)
-
-        with ThreadPoolExecutor(len(PROFILES)) as pool:
-            list(pool.map(lambda item: configure(*item), PROFILES.items()))
-        for profile, key in PROFILES.items():
-            text = (board.home / "profiles" / profile / "config.yaml").read_text()
-            assert f"{guard_url}/v1" in text and key in text, text
+        point_profiles_at(board, guard_url)
         ids = board.create(["worker1", "worker2"] * 3, priorities=[6, 5, 4, 3, 2, 1])
         started = time.monotonic()
         runs: list[list[dict[str, object]]] = []
@@ -104,3 +111,42 @@ def test_six_cards_real_workers_through_the_guard(
         assert "completed" in events and not events & {"crashed", "blocked", "spawn_failed", "timed_out"}, events
     print(f"\n6 cards done in {elapsed:.1f} s over {len(ticks)} ticks ({len(runs)} guard-dispatch runs); "
           f"max running {monitor.max_running}; chat calls per profile {per_profile}")
+
+
+def test_run_mode_multi_step_cards_real_workers(
+    board: HermesBoard, monitor: RunningMonitor, tmp_path: Path
+) -> None:
+    """guard-dispatch run, target 2, guard cap 2, and cards of 4 tool turns with 1 s of tool time each."""
+    with support.sim_server(mode="scripted", no_ollama=True, slots=2, steps=4, tool_seconds=1) as sim:
+        config = tmp_path / "guard.toml"
+        config.write_text(GUARD_CONFIG.format(sim=sim))
+        log = tmp_path / "guard.log"
+        with guard_process(["--config", str(config)], log, port=free_port()) as guard_url:
+            point_profiles_at(board, guard_url)
+            ids = board.create(["worker1", "worker2"] * 2)
+            out = io.StringIO()
+            started = time.monotonic()
+            code = run(Options(command="run", hermes=str(board.hermes), guard_url=guard_url, target=2,
+                               log_json=True), env=board.env, out=out, err=out,
+                       until=lambda: board.counts().get("done", 0) == len(ids) or time.monotonic() - started > 300)
+            elapsed = time.monotonic() - started
+            metrics = httpx.get(f"{sim}/metrics").text
+    assert code is ExitCode.OK, out.getvalue()
+    assert board.counts() == {"done": 4}, out.getvalue()
+    assert monitor.max_running == 2
+    peak = int(float(re.search(r"^sim:max_concurrent_seen (\S+)$", metrics, re.M)[1]))  # type: ignore[index]
+    assert peak <= 2  # the guard's cap as the server saw it
+    calls = CHAT.findall(log.read_text())
+    # 4 tool turns + the final answer per card, no retries. After a multi-turn run a worker also makes one
+    # auxiliary call (a plain text reply); it often exits before reading it all: the guard logs client_gone.
+    assert {(status, lane) for status, _, lane, _ in calls} == {("200", "batch")}
+    assert {c[1] for c in calls} <= {"admitted", "client_gone"}
+    assert 4 * 5 <= sum(1 for c in calls if c[1] == "admitted") <= len(calls) <= 4 * 6
+    for task in ids:
+        shown = json.loads(board.cli("kanban", "show", task, "--json"))
+        events = {e["kind"] for e in shown["events"]}
+        assert "completed" in events and not events & {"crashed", "blocked", "spawn_failed", "timed_out"}, events
+        assert any("sim" in str(c.get("body", "")) for c in shown.get("comments", [])), shown.get("comments")
+    lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    print(f"\n4 multi-step cards done in {elapsed:.1f} s; {sum(1 for x in lines if x.get('event') == 'dispatch')} "
+          f"dispatches; max running {monitor.max_running}; sim peak {peak}")
