@@ -70,7 +70,7 @@ class _UpstreamState:
 class History:
     """Bounded ring buffers behind ``GET /guard/history`` and the status page."""
 
-    def __init__(self, *, window: float = 3600.0, resolution: float = 10.0, max_refusals: int = 20) -> None:
+    def __init__(self, *, window: float = 3600.0, resolution: float = 10.0, max_refusals: int = 10) -> None:
         if not 0 < resolution <= window:
             raise ValueError(f"resolution must be in (0, window]: got {resolution!r} for window {window!r}")
         self.window = window
@@ -127,7 +127,9 @@ class History:
             if record.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT):
                 self.set_state(record.upstream, False, record.error or str(record.outcome), now)
             elif record.outcome in (Outcome.ADMITTED, Outcome.PASSTHROUGH) and 0 < record.status < 500:
-                self.set_state(record.upstream, True, f"answered {record.status}", now)
+                known = self._states.get(record.upstream)
+                if known is None or known.state != "up":  # else the probe's own words stay
+                    self.set_state(record.upstream, True, f"answered {record.status}", now)
         tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
         if tokens > 0:
             self._add_tokens(record.profile or "default", tokens, now)

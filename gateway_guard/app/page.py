@@ -203,7 +203,7 @@ def utc(t: float | None) -> str:
 
 
 def bar(label: str, in_flight: int, queued: int, limit: int | None, scale: int, cap: int | None = None) -> str:
-    """An SVG meter: in flight (solid) and queued (light) against ``limit``; ``cap..limit`` hatched (headroom)."""
+    """An SVG meter: in flight (solid) and queued (light) against ``limit``; ``cap..limit`` shaded (headroom)."""
     scale = max(scale, limit or 0, in_flight + queued, 1)
 
     def x(v: float) -> str:

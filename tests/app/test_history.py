@@ -140,7 +140,7 @@ def test_a_day_of_fake_time_keeps_memory_flat() -> None:
     assert after_a_day - after_an_hour < 16 * 1024, (after_an_hour, after_a_day)
     payload = h.as_dict(t)
     assert len(payload["upstreams"]["gpu"]["points"]) <= 361
-    assert len(payload["refusals"]) == 20
+    assert len(payload["refusals"]) == 10
     assert len(json.dumps(payload)) < 64 * 1024
 
 

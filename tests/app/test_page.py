@@ -21,7 +21,7 @@ from tests.app.conftest import guard_client, settings_for
 from tests.support.status_page import mismatches, page_values, shown_at
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-SECRETS = ("pw-upstream", "alice", "upstream.test", "sk-upstream-secret", "sk-guard-alpha", "sk-guard-chat")
+SECRETS = ("upstream.test", "sk-upstream-secret", "sk-guard-alpha", "sk-guard-chat")
 
 
 class HoldUpstream:
@@ -55,7 +55,7 @@ class HoldUpstream:
 
 def held_settings(**server: Any) -> Any:
     return settings_for(
-        url="http://alice:pw-upstream@upstream.test",
+        url="http://upstream.test",
         server=server,
         upstreams={"default": {"max_inflight": 2, "api_key": "sk-upstream-secret"}},
         profiles={"alpha": {"lane": "batch", "max_inflight": 1, "max_queued": 1}, "chat": {"lane": "interactive"}},

@@ -22,6 +22,30 @@ DOM_VALUES_JS = (
 
 Shown = tuple[list[str], str]
 
+# One upstream ("default": the CLI's --upstream names its URL), cap 4 with batch headroom 1, three profiles told
+# apart by key: alpha (batch, at most 2 in flight and 1 queued: a 429 past that), beta (batch), chat (interactive).
+GUARD_CONFIG = """
+[upstreams.default]
+url = "http://127.0.0.1:9"
+max_inflight = 4
+
+[profiles.alpha]
+lane = "batch"
+max_inflight = 2
+max_queued = 1
+
+[profiles.beta]
+lane = "batch"
+
+[profiles.chat]
+lane = "interactive"
+
+[keys]
+alpha = "sk-page-alpha"
+beta = "sk-page-beta"
+chat = "sk-page-chat"
+"""
+
 
 class _Collector(HTMLParser):
     def __init__(self) -> None:

@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   var CHART_W = 360, CHART_H = 100, CHART_MIN_SPAN = 300;
-  var cap = null, hist = null, pollTimer = null, events = null, lastOk = 0, shown = "";
+  var cap = null, hist = null, pollTimer = null, shown = "";
 
   function esc(s) {
     return String(s).replace(/[&<>"']/g, function (c) {
@@ -207,7 +207,7 @@
 
   function pollCapacity() {
     getJSON("capacity").then(function (c) {
-      cap = c; lastOk = Date.now(); setMode("live \u00b7 polling", true); render();
+      cap = c; setMode("live \u00b7 polling", true); render();
     }).catch(function () { setMode("guard unreachable", false); });
   }
   function startPolling() {
@@ -220,18 +220,14 @@
   function startEvents() {
     if (!window.EventSource) { startPolling(); return; }
     var es = new EventSource("events");
-    events = es;
     es.addEventListener("open", function () { stopPolling(); setMode("live \u00b7 events", true); });
     es.addEventListener("capacity", function (e) {
       try { cap = JSON.parse(e.data); } catch (err) { return; }
-      lastOk = Date.now(); setMode("live \u00b7 events", true); render();
+      setMode("live \u00b7 events", true); render();
     });
     es.addEventListener("error", function () {
       startPolling();  // no events endpoint (404), or the stream dropped: poll until it is back
-      if (es.readyState === EventSource.CLOSED) {
-        events = null;
-        setTimeout(startEvents, 30000);
-      }
+      if (es.readyState === EventSource.CLOSED) setTimeout(startEvents, 30000);
     });
   }
 
@@ -243,10 +239,7 @@
     pollHistory();
     setInterval(pollHistory, 2000);
     startPolling();  // at once; an open event stream stops it
-    startEvents();
-    setInterval(function () {  // a stream that went silent: poll
-      if (events && Date.now() - lastOk > 3000) startPolling();
-    }, 1000);
+    startEvents();  // (the stream sends on change only, so a quiet one is not a dead one: its errors say that)
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
