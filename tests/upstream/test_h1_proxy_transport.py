@@ -134,3 +134,45 @@ async def test_a_close_delimited_stream_is_relayed_whole() -> None:
         assert response.status_code == 200
         body = b"".join([chunk async for chunk in response.aiter_raw()])
     assert body == b"".join(events) + b"data: [DONE]\n\n"
+
+
+async def test_reset_on_a_reused_connection_after_reading_is_a_502_sent_once() -> None:
+    async def handler(up: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await up.read_request(reader)
+        body = b'{"choices":[]}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body))
+        writer.write(body)
+        await writer.drain()
+        await up.read_request(reader)  # the second request arrives on the same, reused connection
+        abort(writer)
+
+    upstream = ScriptedUpstream(handler)
+    async with upstream.serving() as url, guard_before(url) as (_, http):
+        assert (await http.post(CHAT_PATH, json=CHAT)).status_code == 200
+        assert_openai_error(await http.post(CHAT_PATH, json=CHAT | {"max_tokens": 7}), 502)
+    assert upstream.connections == 1
+    assert len(upstream.requests) == 2
+
+
+async def test_an_endless_sse_line_is_relayed_and_the_permit_freed() -> None:
+    piece = b"x" * 4096
+    pieces = 2000  # 8 MB of one line without a newline
+
+    async def handler(up: ScriptedUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await up.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: ")
+        for _ in range(pieces):
+            writer.write(piece)
+            await writer.drain()
+
+    upstream = ScriptedUpstream(handler)
+    async with (
+        upstream.serving() as url,
+        guard_before(url) as (_, http),
+        http.stream("POST", CHAT_PATH, json=STREAM) as response,
+    ):
+        assert response.status_code == 200
+        received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+    assert received == len(b"data: ") + pieces * len(piece)
