@@ -54,3 +54,11 @@ def test_negative_interval_is_a_config_error() -> None:
     err = io.StringIO()
     assert run(Options(interval=-1), env={"PATH": ""}, out=io.StringIO(), err=err) is ExitCode.CONFIG_ERROR
     assert "--interval = -1" in err.getvalue()
+
+
+def test_run_and_auto_target_arguments() -> None:
+    args = build_parser().parse_args(["run", "--target", "auto", "--max-running", "5", "--no-reserve"])
+    assert (args.command, args.target, args.max_running, args.no_reserve) == ("run", "auto", 5, True)
+    err = io.StringIO()
+    code = run(Options(command="run", target=2, max_running=4), env={"PATH": ""}, out=io.StringIO(), err=err)
+    assert code is ExitCode.CONFIG_ERROR and "--max-running = 4: only applies with --target auto" in err.getvalue()

@@ -80,3 +80,17 @@ def test_unreadable_and_invalid_files_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         load(bad)
     assert info.value.value == str(bad)
+
+
+def test_auto_target_and_reservations() -> None:
+    config = from_mapping({"target": "auto", "max_running": 5, "reserve": False, "reservation_ttl_s": 30})
+    assert config.policy.auto and config.policy.schedule.default_target == 5
+    assert config.reserve is False and config.reservation_ttl_s == 30
+    assert from_mapping({"target": "auto"}).policy.schedule.default_target == 8
+    assert from_mapping({}).reserve is True and not from_mapping({}).policy.auto
+    with pytest.raises(ConfigError, match="max_running.*only applies"):
+        from_mapping({"target": 2, "max_running": 4})
+    with pytest.raises(ConfigError, match=r"target = 'lots': must be a whole number >= 0 or \"auto\""):
+        from_mapping({"target": "lots"})
+    with pytest.raises(ConfigError, match="reservation_ttl_s"):
+        from_mapping({"reservation_ttl_s": 0})

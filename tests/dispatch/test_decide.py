@@ -157,3 +157,13 @@ def test_pool_overshoot_reports_pools_given_more_than_their_room() -> None:
     d = decide(p, Snapshot(free=10, running={}, ready=cards("researcher", "summarizer")), NOON)
     assert pool_overshoot(p, d, ["researcher", "summarizer"]) == {}
     assert pool_overshoot(p, d, ["researcher", "planner", None, "x"]) == {"reasoning": 2}
+
+
+def test_auto_target_starts_into_free_slots_up_to_max_running_and_stops_when_requests_queue() -> None:
+    auto = Policy(schedule=Schedule(default_target=6), auto=True)
+    assert decide(auto, Snapshot(free=3, running={"w": 2}), NOON).add == 3  # more cards than slots: fine
+    assert decide(auto, Snapshot(free=5, running={"w": 2}), NOON).add == 4  # max_running bounds it
+    queued = decide(auto, Snapshot(free=2, running={"w": 2}, queued=1), NOON)
+    assert queued.add == 0 and queued.stop is Stop.GUARD_QUEUED
+    fixed = decide(policy(6), Snapshot(free=2, running={"w": 2}, queued=1), NOON)
+    assert fixed.add == 2  # a fixed target reads free only (already net of the queue)
