@@ -209,6 +209,8 @@ class Runner:
                           error=str(exc))
             self.log(fields)
             return False
+        still_running = {c.task_id for c in state.running}
+        self._housekept = {k: v for k, v in self._housekept.items() if k in still_running}
         for card in due:
             self._housekept[card.task_id] = time.monotonic()
         await self._settle(bookings, outcome)
