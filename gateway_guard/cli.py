@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway_guard.app.edge import EdgeLimits, edge_protocol
 from gateway_guard.app.factory import build_app
 from gateway_guard.errors import ConfigError
 from gateway_guard.settings import Settings, load_settings
@@ -115,14 +116,19 @@ async def serve(
 ) -> None:
     app = build_app(settings, reload_from=reload_from)
     app.state.reloader.install_sighup()  # kill -HUP <pid>: re-read the config, keep every request
+    server = settings.server
     config = uvicorn.Config(
         app,
-        host=settings.server.host,
-        port=settings.server.port,
+        host=server.host,
+        port=server.port,
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=30,
+        # the edge: header size/count/time, body size/time, connections and idle ones bounded (app/edge.py)
+        http=edge_protocol(EdgeLimits.from_settings(server)),
+        ws="none",
+        timeout_keep_alive=server.keep_alive_timeout,  # type: ignore[arg-type]  # a float works (call_later)
     )
     servers = [uvicorn.Server(config)]
     if sim is not None:

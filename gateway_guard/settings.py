@@ -91,6 +91,16 @@ class ServerSettings:
     aging_seconds: float = 10.0
     log_level: str = "info"
     log_json: bool = False
+    # The edge (docs/edge.md): what a client may hold before admission, each bounded.
+    max_header_bytes: int = 32 * 1024  # request line + headers; over it: 431
+    max_headers: int = 100  # header lines; over it: 431
+    header_timeout: float = 10.0  # from the connection (or the request's first byte) to the end of its headers: 408
+    body_timeout: float = 60.0  # from the end of the headers to the end of the body: 408
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 512  # open connections; past it the oldest idle one is closed, else 503
+    max_idle_connections: int = 64  # idle keep-alive connections kept; past it the oldest is closed
+    body_budget_bytes: int = 256 * 1024 * 1024  # bodies held by the proxy at once (global); past it: 429
+    metrics_token: str | None = field(default=None, repr=False)  # when set, GET /metrics needs it (Bearer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +255,17 @@ class _Table:
             raise ConfigError(self.key(unknown[0]), "unknown key (misspelt?)")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any userinfo (``user:password@``) replaced by ``***@``: the only form of a URL ever printed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if "@" in url else url
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{scheme}{sep}{authority}{slash}{tail}"
+
+
 def _safe(name: str, value: object) -> object:
     return "<hidden>" if "key" in name or "token" in name else value
 
@@ -315,7 +336,21 @@ def _parse_server(t: _Table, env: Mapping[str, str]) -> ServerSettings:
         aging_seconds=t.seconds("aging_seconds", d.aging_seconds),
         log_level=level,
         log_json=t.get("log_json", bool, d.log_json),
+        max_header_bytes=t.positive_int("max_header_bytes", d.max_header_bytes, minimum=1024) or d.max_header_bytes,
+        max_headers=t.positive_int("max_headers", d.max_headers, minimum=8) or d.max_headers,
+        header_timeout=t.seconds("header_timeout", d.header_timeout),
+        body_timeout=t.seconds("body_timeout", d.body_timeout),
+        keep_alive_timeout=t.seconds("keep_alive_timeout", d.keep_alive_timeout),
+        max_connections=t.positive_int("max_connections", d.max_connections, minimum=2) or d.max_connections,
+        max_idle_connections=t.positive_int("max_idle_connections", d.max_idle_connections, minimum=0) or 0,
+        body_budget_bytes=t.positive_int("body_budget_bytes", d.body_budget_bytes) or d.body_budget_bytes,
+        metrics_token=t.get("metrics_token", str, None) or env.get("GUARD_METRICS_TOKEN") or None,
     )
+    if server.body_budget_bytes < server.max_body_bytes:
+        raise ConfigError(
+            t.key("body_budget_bytes"), f"must be >= server.max_body_bytes ({server.max_body_bytes})",
+            server.body_budget_bytes,
+        )
     t.done()
     return server
 
@@ -347,7 +382,14 @@ def _parse_upstream(name: str, body: Any, lanes: dict[str, LanePolicy], env: Map
     url = t.get("url", str, "")
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(t.key("url"), "must be an http(s) URL such as http://127.0.0.1:8080", url)
+        raise ConfigError(t.key("url"), "must be an http(s) URL such as http://127.0.0.1:8080", redact_url(url))
+    if "@" in parts.netloc:  # never printed: the message shows the URL with its userinfo cut out
+        raise ConfigError(
+            t.key("url"),
+            "must not carry a user name or password (the guard would not send them); put the upstream's key "
+            "in api_key or api_key_env",
+            redact_url(url),
+        )
     key_env = t.get("api_key_env", str, None)
     api_key = t.get("api_key", str, None)
     if key_env:

@@ -8,7 +8,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway_guard.errors import GuardError, PayloadTooLarge
+from gateway_guard.errors import GuardError, Outcome, PayloadTooLarge, Rejected
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +40,66 @@ async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+class BodyBudgetFull(Rejected):
+    status = 429
+    type = "rate_limit_error"
+    code = "body_budget_full"
+    outcome = Outcome.REJECTED_QUEUE_FULL
+
+    def headers(self) -> dict[str, str]:  # the rest of the body is not read: end the connection with it
+        return {**super().headers(), "connection": "close"}
+
+
+class BodyBudget:
+    """Bytes of request bodies the proxy holds at once, across all requests (``server.body_budget_bytes``).
+
+    A request's body counts from its first byte read to the request's end (the proxy holds it until then:
+    while queued, and while it is forwarded). Past the budget a request is refused with 429 + Retry-After
+    instead of being buffered, so queued bodies cannot grow the guard's memory without bound.
+    """
+
+    __slots__ = ("held", "limit")
+    RETRY_AFTER = 2.0
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def metered(self, receive: Receive) -> MeteredReceive:
+        return MeteredReceive(self, receive)
+
+
+class MeteredReceive:
+    """A ``receive`` that charges each body chunk to the budget; ``release()`` (once, at the request's end)
+    gives it all back."""
+
+    __slots__ = ("_budget", "_receive", "charged")
+
+    def __init__(self, budget: BodyBudget, receive: Receive) -> None:
+        self._budget = budget
+        self._receive = receive
+        self.charged = 0
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        size = len(message.get("body", b""))
+        if size:
+            budget = self._budget
+            if budget.held + size > budget.limit:
+                raise BodyBudgetFull(
+                    f"the guard holds {budget.held} bytes of request bodies, its budget is {budget.limit} "
+                    "(server.body_budget_bytes); retry shortly",
+                    retry_after=BodyBudget.RETRY_AFTER,
+                )
+            budget.held += size
+            self.charged += size
+        return message
+
+    def release(self) -> None:
+        self._budget.held -= self.charged
+        self.charged = 0
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

@@ -1,5 +1,6 @@
 """Which headers cross the proxy. Hop-by-hop headers (RFC 9110 §7.6.1) stop here, in both directions; the
-client's credentials never reach the upstream (the upstream's own key from config is sent instead)."""
+client's credentials never reach the upstream (the upstream's own key from config is sent instead), and
+nothing of the guard's own does either: no ``X-Guard-*`` header (the admin token, lane, profile, ...)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the guard itself on the way up: the transport computes host/length; credentials are replaced.
-REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "x-guard-lane", "x-guard-profile"}
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+GUARD_PREFIX = "x-guard-"  # the guard's own headers (X-Guard-Admin-Token, -Lane, -Profile, ...) stop here
 
 
 def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
@@ -33,7 +35,7 @@ def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
 def upstream_request_headers(client: list[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
     """``client`` names are lower-case."""
     drop = REQUEST_DROP | _connection_tokens(client)
-    out = [(n, v) for n, v in client if n not in drop]
+    out = [(n, v) for n, v in client if n not in drop and not n.startswith(GUARD_PREFIX)]
     if api_key:
         out.append(("authorization", f"Bearer {api_key}"))
     return out

@@ -135,7 +135,7 @@ async def test_static_files_and_the_bare_path() -> None:
         assert css.headers["content-type"].startswith("text/css") and "prefers-color-scheme: dark" in css.text
         assert "://" not in js.text and "://" not in css.text and "@import" not in css.text
         escape = await client.get("/guard/static/..%2Fpage.py")  # not a static route: the proxy says no
-        assert escape.status_code in (401, 404) and "render_page" not in escape.text
+        assert 400 <= escape.status_code < 500 and "render_page" not in escape.text
         assert (await client.get("/guard/static/nope.js")).status_code == 404
 
 
