@@ -8,13 +8,13 @@ that disconnects at any point cancels the wait or closes the upstream connection
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
 from gateway_guard.admission.budget import estimate_prompt_tokens
 from gateway_guard.admission.ticket import Ticket, Usage
 from gateway_guard.app.asgi import (
+    BodyBudget,
     ClientDisconnected,
     DisconnectWatch,
     Receive,
@@ -25,12 +25,12 @@ from gateway_guard.app.asgi import (
     read_body,
     send_error,
 )
+from gateway_guard.app.body import model_of
+from gateway_guard.app.paths import encoded, is_admin_only, is_proxied, needs_permit, request_path
 from gateway_guard.app.state import GuardState
 from gateway_guard.errors import (
-    ClientError,
     Forbidden,
     GuardError,
-    InvalidJSON,
     NotFound,
     Outcome,
 )
@@ -39,28 +39,20 @@ from gateway_guard.upstream.client import Upstream
 from gateway_guard.upstream.headers import client_response_headers
 from gateway_guard.upstream.usage import UsageMeter
 
-# POSTs that read metadata only: forwarded without a generation permit.
-METADATA_POSTS = frozenset({"/api/show", "/api/tags", "/api/ps", "/api/version"})
-# Ollama calls that change the server's models: only with the admin token.
-ADMIN_ONLY = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
-PROXIED_PREFIXES = ("/v1/", "/api/")
-
-
-def needs_permit(method: str, path: str) -> bool:
-    return method == "POST" and path not in METADATA_POSTS
-
 
 class ProxyHandler:
     def __init__(self, state: GuardState) -> None:
         self.state = state
+        self.bodies = BodyBudget(state.settings.server.body_budget_bytes)  # restart to change
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = RequestRecord(method=scope["method"], path=scope["path"])
         self.state.telemetry.request_started(record, scope["headers"])
         started = record.started
         sent = _SendTracker(send)
+        metered = self.bodies.metered(receive)  # bodies read count against server.body_budget_bytes until the end
         try:
-            await self._handle(scope, receive, sent, record)
+            await self._handle(scope, metered, sent, record)
         except ClientDisconnected:
             record.outcome = Outcome.CLIENT_GONE
             record.status = record.status or 499
@@ -70,6 +62,7 @@ class ProxyHandler:
                 record.status = error.status
                 await send_error(send, error, {"x-guard-lane": record.lane} if record.lane else None)
         finally:
+            metered.release()
             record.duration = time.perf_counter() - started
             self.state.telemetry.request_finished(record)
 
@@ -77,14 +70,14 @@ class ProxyHandler:
         state = self.state
         headers = header_list(scope)
         hmap = dict(headers)
-        cls = state.classifier.classify(scope["path"], hmap)
-        record.lane, record.profile, record.path = cls.lane, cls.profile, cls.path
-        if not cls.path.startswith(PROXIED_PREFIXES):
+        cls = state.classifier.classify(request_path(scope), hmap)  # a strict path, else 400 (app/paths.py)
+        record.lane, record.profile, record.path = cls.lane, cls.profile, encoded(cls.path)  # forwarded as checked
+        if not is_proxied(cls.path):
             raise NotFound(f"no route for {cls.path!r}: the guard forwards /v1/* and /api/* only")
-        if cls.path in ADMIN_ONLY and not is_admin(state.settings.server.admin_token, hmap):
+        if is_admin_only(cls.path) and not is_admin(state.settings.server.admin_token, hmap):
             raise Forbidden(f"{cls.path} changes the upstream's models and needs the guard's admin token")
         body = await read_body(receive, state.settings.server.max_body_bytes, hmap.get("content-length"))
-        record.model = _model_of(scope["method"], cls.path, body, hmap.get("content-type", ""))
+        record.model = model_of(scope["method"], cls.path, body, hmap.get("content-type", ""))
         upstream = state.upstreams[state.classifier.upstream_for(cls.profile, record.model)]
         record.upstream = upstream.name
         with DisconnectWatch(receive):
@@ -158,26 +151,3 @@ class _SendTracker:
             await self._send({"type": "http.response.body", "body": data, "more_body": more})
         except OSError as exc:  # some servers raise when the peer is gone
             raise ClientDisconnected from exc
-
-
-def _model_of(method: str, path: str, body: bytes, content_type: str) -> str | None:
-    if method == "GET" and path.startswith("/v1/models/"):
-        return path.removeprefix("/v1/models/") or None
-    if method != "POST" or not body:
-        return None
-    if content_type and "json" not in content_type:
-        return None
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidJSON(f"request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc.msg} (line {exc.lineno} col {exc.colno})") from None
-    if not isinstance(payload, dict):
-        raise InvalidJSON("request body must be a JSON object")
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ClientError("'model' must be a string")
-    return model
