@@ -100,11 +100,23 @@ class PayloadTooLarge(ClientError):
 
 
 class Rejected(GuardError):
-    """Admission refused the request; ``retry_after`` is an estimate of when room will exist."""
+    """Admission refused the request; ``retry_after`` is an estimate of when room will exist.
 
-    status = 503
-    type = "overloaded_error"
+    A 429 by default (a lane's ``refusal_status`` may ask for 503): a Hermes worker classifies a 429 as a rate
+    limit and waits the numeric ``Retry-After`` (up to 600 s) before each of its attempts, where a 5xx gets
+    2-60 s of backoff. The wording must never match Hermes' overload phrases ("overloaded", "at capacity",
+    "over capacity", ...): those turn a 429 into "overloaded" and its short backoff (FACTS.md)."""
+
+    status = 429
+    type = "rate_limit_error"
     code = "rejected"
+
+    def __init__(
+        self, message: str, *, lane: str | None = None, retry_after: float | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(message, lane=lane, retry_after=retry_after)
+        if status is not None:
+            self.status = status
 
 
 class QueueFull(Rejected):
@@ -118,15 +130,11 @@ class DeadlineExceeded(Rejected):
 
 
 class ProfileQueueFull(Rejected):
-    status = 429
-    type = "rate_limit_error"
     code = "profile_queue_full"
     outcome = Outcome.REJECTED_PROFILE_QUEUE
 
 
 class RateLimited(Rejected):
-    status = 429
-    type = "rate_limit_error"
     code = "rate_limited"
     outcome = Outcome.REJECTED_RATE
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from gateway_guard.admission.cluster.spec import ClusterSpec
 from gateway_guard.admission.policy import (
     AdaptiveLimitSpec,
     BudgetSpec,
+    ClusterSpec,
     FixedLimitSpec,
     LanePolicy,
     LimitSpec,
@@ -44,6 +44,7 @@ LIMIT_MODES = ("fixed", "adaptive")
 PROBES = ("auto", "llamacpp", "vllm", "ollama", "off")
 ADAPTIVE_KEYS = ("floor", "ceiling")
 RATE_KEYS = ("requests_per_minute", "tokens_per_minute")
+REFUSAL_STATUSES = (429, 503)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -372,7 +373,10 @@ def _parse_lanes(
             queue_size=t.positive_int("queue_size", 64, minimum=0) or 0,
             queue_timeout=t.seconds("queue_timeout", 30.0),
             headroom=t.positive_int("headroom", 0, minimum=0) or 0,
+            refusal_status=t.get("refusal_status", int, 429),
         )
+        if lanes[name].refusal_status not in REFUSAL_STATUSES:
+            raise ConfigError(t.key("refusal_status"), "must be 429 or 503", lanes[name].refusal_status)
         t.done()
     return lanes
 

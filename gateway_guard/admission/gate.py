@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from gateway_guard.admission.budget import TokenBudget, build_budget
 from gateway_guard.admission.lanes import LaneQueue as _LaneQueue
@@ -34,61 +32,13 @@ from gateway_guard.admission.permit import Permit as Permit
 from gateway_guard.admission.policy import LanePolicy as LanePolicy
 from gateway_guard.admission.policy import ProfilePolicy as ProfilePolicy
 from gateway_guard.admission.policy import Result, UpstreamPolicy
+from gateway_guard.admission.view import AdmissionGate as AdmissionGate
+from gateway_guard.admission.view import GateSnapshot as GateSnapshot
+from gateway_guard.admission.view import SlotView as SlotView
 from gateway_guard.errors import DeadlineExceeded, ProfileQueueFull, QueueFull, UnknownLane
 from gateway_guard.upstream.saturation import Saturation
 
-
-@dataclass(frozen=True, slots=True)
-class SlotView:
-    limit: int | None
-    in_flight: int
-    queued: int
-    free: int | None
-
-    def as_dict(self) -> dict[str, int | None]:
-        return {"limit": self.limit, "in_flight": self.in_flight, "queued": self.queued, "free": self.free}
-
-
-@dataclass(frozen=True, slots=True)
-class GateSnapshot:
-    name: str
-    limit: int
-    in_flight: int
-    queued: int
-    free: int
-    lanes: dict[str, SlotView] = field(default_factory=dict)
-    profiles: dict[str, SlotView] = field(default_factory=dict)
-    tokens_in_flight: int | None = None  # with a token budget
-    max_context_tokens: int | None = None
-
-
-class AdmissionGate(Protocol):
-    """What app/ needs from a gate; a distributed (e.g. Redis-backed) gate implements the same."""
-
-    name: str
-
-    @property
-    def limit_source(self) -> Limit: ...
-
-    async def acquire(
-        self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
-    ) -> Permit: ...
-
-    def queue_timeout(self, lane: str) -> float: ...
-
-    def retry_after(self, lane: str) -> float: ...
-
-    def snapshot(self) -> GateSnapshot: ...
-
-    def lane_names(self) -> Iterable[str]: ...
-
-    def reconfigure(
-        self, policy: UpstreamPolicy, *, profiles: Mapping[str, ProfilePolicy], aging_seconds: float, limit: Limit
-    ) -> None: ...
-
-    def on_saturation(self, sat: Saturation) -> None: ...
-
-    def watch(self, listener: Callable[[], None]) -> Callable[[], None]: ...
+MAX_RETRY_AFTER = 600.0  # what Hermes honours at most
 
 
 class Gate:
@@ -121,6 +71,8 @@ class Gate:
         self.budget = budget
         self._retired: set[str] = set()  # lanes a reload removed: they drain, new requests are refused
         self._listeners: list[Callable[[], None]] = []
+        self._held: str | None = None  # the upstream is down: nothing is granted, everyone waits in line
+        self._held_since = 0.0
         self._follow(limit)
 
     # -- public -------------------------------------------------------------------------------------------
@@ -151,6 +103,25 @@ class Gate:
 
         return unwatch
 
+    def hold(self, reason: str) -> None:
+        """Grant nothing until ``resume`` (the upstream is down or loading); queued requests keep their place
+        and their deadline, new ones queue behind them."""
+        if self._held is None:
+            self._held_since = self._loop.time() if self._loop is not None else 0.0
+        self._held = reason
+        self._changed()
+
+    def resume(self) -> None:
+        if self._held is None:
+            return
+        self._held = None
+        self._grant()
+        self._changed()
+
+    @property
+    def held(self) -> str | None:
+        return self._held
+
     def on_saturation(self, sat: Saturation) -> None:
         """A reading of the upstream's own load, for the limit (an adaptive one learns from it)."""
         self._limit.on_saturation(sat, in_flight=self._in_flight)
@@ -162,21 +133,29 @@ class Gate:
         return self._lane(lane).policy.queue_timeout
 
     async def acquire(
-        self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
+        self,
+        lane: str,
+        profile: str,
+        *,
+        max_wait: float | None = None,
+        prompt_tokens: int = 0,
+        since: float | None = None,
     ) -> Permit:
         """Wait for a permit; raise ``QueueFull``/``ProfileQueueFull`` at once or ``DeadlineExceeded`` later.
 
         ``prompt_tokens`` (an estimate) sizes the request for a token budget and stands in for the prompt's
-        usage when the upstream does not report it.
+        usage when the upstream does not report it. ``since`` (loop time): a request coming back to the line
+        (its upstream went down before it reached it) keeps its first arrival -- its place at the head of its
+        profile's line, its aging and, with ``max_wait`` counted from it, its deadline.
         """
         queue = self._lane(lane)
         loop = self._loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Permit] = loop.create_future()
-        waiter = _Waiter(lane, profile, loop.time(), future)
+        waiter = _Waiter(lane, profile, loop.time() if since is None else since, future)
         waiter.prompt_estimate = prompt_tokens
         if self.budget is not None:
             waiter.tokens = self.budget.need(profile, prompt_tokens)
-        queue.push(waiter)
+        queue.push(waiter, front=since is not None)
         self._profile_queued[profile] = self._profile_queued.get(profile, 0) + 1
         self._grant()
         if future.done():
@@ -201,7 +180,10 @@ class Gate:
             return self._mean_hold
         own = queue.policy
         ahead = sum(q.count for q in self._lanes.values() if q.policy.priority <= own.priority)
-        return (ahead + 1) * self._mean_hold / max(1, self._lane_cap(own))
+        estimate = (ahead + 1) * self._mean_hold / max(1, self._lane_cap(own))
+        if self._held is not None and self._loop is not None:  # down this long: likely as long again
+            estimate += self._loop.time() - self._held_since
+        return min(MAX_RETRY_AFTER, estimate)
 
     def snapshot(self) -> GateSnapshot:
         limit = self._limit.limit
@@ -210,7 +192,7 @@ class Gate:
         lanes = {}
         for name, q in self._lanes.items():
             cap = self._lane_cap(q.policy)
-            free = max(0, min(cap - q.in_flight, open_slots) - q.count)
+            free = 0 if self._held else max(0, min(cap - q.in_flight, open_slots) - q.count)
             lanes[name] = SlotView(cap, q.in_flight, q.count, free)
         profiles = {}
         for name in sorted(set(self._profiles) | set(self._profile_in_flight) | set(self._profile_queued)):
@@ -225,11 +207,12 @@ class Gate:
             limit,
             self._in_flight,
             total_queued,
-            max(0, open_slots - total_queued),
+            0 if self._held else max(0, open_slots - total_queued),
             lanes,
             profiles,
             tokens_in_flight=None if budget is None else budget.in_use,
             max_context_tokens=None if budget is None else budget.capacity,
+            held=self._held,
         )
 
     def reconfigure(
@@ -308,6 +291,7 @@ class Gate:
                 f"{self.name!r} (lane {policy.name!r}); its own limit says no",
                 lane=policy.name,
                 retry_after=self.retry_after(policy.name),
+                status=policy.refusal_status,
             )
         if queue.count > policy.queue_size:
             self._forget(waiter)
@@ -316,6 +300,7 @@ class Gate:
                 f"({policy.queue_size} waiting)",
                 lane=policy.name,
                 retry_after=self.retry_after(policy.name),
+                status=policy.refusal_status,
             )
 
     def _forget(self, waiter: _Waiter) -> None:
@@ -335,12 +320,15 @@ class Gate:
             return
         waited = self._now() - waiter.enqueued_at
         self._forget(waiter)
+        why = "without a free slot" if self._held is None else f"while the upstream was not ready ({self._held})"
+        queue = self._lanes.get(waiter.lane)
         waiter.future.set_exception(
             DeadlineExceeded(
                 f"waited {waited:.1f}s in the {waiter.lane!r} queue of upstream {self.name!r} "
-                "without a free slot (queue deadline passed)",
+                f"{why} (queue deadline passed)",
                 lane=waiter.lane,
                 retry_after=self.retry_after(waiter.lane),
+                status=None if queue is None else queue.policy.refusal_status,
             )
         )
 
@@ -354,8 +342,8 @@ class Gate:
 
     def _grant_while_room(self) -> None:
         limit = self._limit.limit
-        if self._in_flight >= limit or self._loop is None:  # no loop yet: nobody has ever asked, nobody waits
-            return
+        if self._in_flight >= limit or self._loop is None or self._held is not None:
+            return  # full; or no loop yet (nobody has ever asked, nobody waits); or the upstream is down
         now = self._now()
         budget = self.budget
         while self._in_flight < limit:

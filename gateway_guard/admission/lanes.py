@@ -34,12 +34,16 @@ class LaneQueue:
         self.count = 0
         self.in_flight = 0
 
-    def push(self, waiter: Waiter) -> None:
+    def push(self, waiter: Waiter, *, front: bool = False) -> None:
+        """At the back of its profile's line, or at the front (a request coming back to the line)."""
         fifo = self.by_profile.get(waiter.profile)
         if fifo is None:
             fifo = self.by_profile[waiter.profile] = deque()
             self.turns.append(waiter.profile)
-        fifo.append(waiter)
+        if front:
+            fifo.appendleft(waiter)
+        else:
+            fifo.append(waiter)
         self.count += 1
 
     def remove(self, waiter: Waiter) -> None:

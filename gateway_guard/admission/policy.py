@@ -32,6 +32,7 @@ class LanePolicy:
     queue_size: int = 64
     queue_timeout: float = 30.0
     headroom: int = 0
+    refusal_status: int = 429  # when the guard must say no to this lane: 429 (Hermes waits Retry-After) or 503
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,3 +114,20 @@ class Policy:
     def __post_init__(self) -> None:
         for name in ("upstreams", "profiles", "lane_rates", "profile_rates"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSpec:
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may carry a password
+    replica_id: str | None = None  # default: host name; the process id and a random tag are always added
+    lease_seconds: float = 10.0
+    namespace: str = "gg"  # key prefix: guards sharing a Redis but not their caps use different ones
+
+    @property
+    def lease_ms(self) -> int:
+        return max(300, round(self.lease_seconds * 1000))
+
+    @property
+    def redis_timeout(self) -> float:
+        """A call slower than this counts as Redis gone (a quarter of a lease, at most one second)."""
+        return min(1.0, self.lease_seconds / 4)

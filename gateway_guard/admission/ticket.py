@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from gateway_guard.admission.gate import AdmissionGate, Permit
 from gateway_guard.admission.policy import Result
 from gateway_guard.admission.rate import RateLimiter
+from gateway_guard.admission.reservations import Reservations
 from gateway_guard.errors import UpstreamError, UpstreamUnavailable
 
 # How long a cut-off request keeps its slot after the guard closed the upstream connection (llama.cpp frees a
@@ -91,15 +92,26 @@ class Ticket:
 class Admission:
     """The guard's doors: one gate per upstream and the rate limits shared by all of them."""
 
-    def __init__(self, gates: Mapping[str, AdmissionGate], rates: RateLimiter) -> None:
+    def __init__(
+        self, gates: Mapping[str, AdmissionGate], rates: RateLimiter, reservations: Reservations | None = None
+    ) -> None:
         self.gates = gates
         self.rates = rates
+        self.reservations = reservations
 
     @asynccontextmanager
     async def enter(
-        self, upstream: str, lane: str, profile: str, *, prompt_tokens: int = 0
+        self, upstream: str, lane: str, profile: str, *, prompt_tokens: int = 0, since: float | None = None
     ) -> AsyncIterator[Ticket]:
-        permit = await self._admit(self.gates[upstream], lane, profile, prompt_tokens)
+        """``since`` (loop time): a request coming back to the line keeps its first arrival (place, aging,
+        deadline) and is not counted against the request rates a second time."""
+        gate = self.gates[upstream]
+        if since is not None:
+            permit = await gate.acquire(lane, profile, prompt_tokens=prompt_tokens, since=since)
+        else:
+            permit = await self._admit(gate, lane, profile, prompt_tokens)
+        if self.reservations is not None:  # a dispatcher booked this slot for this profile's worker
+            self.reservations.consume(upstream, profile)
         ticket = Ticket(permit, self.rates)
         try:
             yield ticket

@@ -12,17 +12,21 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway_guard.admission.gate import AdmissionGate, SlotView
 from gateway_guard.admission.limit import LimitNotSettable
-from gateway_guard.app.asgi import is_admin
+from gateway_guard.admission.reservations import apply_reservations
+from gateway_guard.admission.view import AdmissionGate, SlotView
+from gateway_guard.app.asgi import bearer_is, is_admin
 from gateway_guard.app.state import GuardState
-from gateway_guard.errors import ClientError, Forbidden, GuardError, NotFound
+from gateway_guard.errors import ClientError, Forbidden, GuardError, NotFound, Unauthorized
 from gateway_guard.telemetry import METRICS_CONTENT_TYPE
+from gateway_guard.upstream.probe import Prober
 
 MAX_LIMIT = 10_000
 
 
-def capacity_payload(gates: Mapping[str, AdmissionGate], batch_lane: str = "batch") -> dict[str, Any]:
+def capacity_payload(
+    gates: Mapping[str, AdmissionGate], batch_lane: str = "batch", *, probers: Mapping[str, Prober] | None = None
+) -> dict[str, Any]:
     """Per upstream and per lane: limit / in_flight / queued / free; top-level ``free`` = batch room overall."""
     upstreams: dict[str, Any] = {}
     lanes: dict[str, dict[str, int]] = {}
@@ -38,6 +42,13 @@ def capacity_payload(gates: Mapping[str, AdmissionGate], batch_lane: str = "batc
             "lanes": {lane: view.as_dict() for lane, view in snap.lanes.items()},
             "profiles": {p: view.as_dict() for p, view in snap.profiles.items()},
         }
+        if snap.held is not None:
+            upstreams[name]["held"] = snap.held  # nothing granted: requests wait in their lanes
+        prober = None if probers is None else probers.get(name)
+        if prober is not None:  # up / down / loading, since when (seconds ago), why
+            upstreams[name]["state"] = prober.state
+            upstreams[name]["state_since_s"] = round(time.monotonic() - prober.state_since, 1)
+            upstreams[name]["state_detail"] = prober.state_detail
         if snap.max_context_tokens is not None:
             upstreams[name]["tokens_in_flight"] = snap.tokens_in_flight
             upstreams[name]["max_context_tokens"] = snap.max_context_tokens
@@ -65,8 +76,13 @@ def _state(request: Request) -> GuardState:
     return state
 
 
+def guard_capacity(state: GuardState) -> dict[str, Any]:
+    """What ``GET /guard/capacity`` answers (and ``/guard/events`` sends): gates, upstream states, reservations."""
+    return apply_reservations(capacity_payload(state.gates, probers=state.probers), state.reservations)
+
+
 async def capacity(request: Request) -> Response:
-    return JSONResponse(capacity_payload(_state(request).gates))
+    return JSONResponse(guard_capacity(_state(request)))
 
 
 async def health(request: Request) -> Response:
@@ -74,7 +90,12 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text: the guard's own metrics and the upstreams' saturation gauges, read now."""
+    """Prometheus text: the guard's own metrics and the upstreams' saturation gauges as the probers last read
+    them. With ``server.metrics_token`` set, only for ``Authorization: Bearer <metrics_token>``."""
+    token = _state(request).settings.server.metrics_token
+    if token and not bearer_is(token, request.headers.get("authorization")):
+        error = Unauthorized("/metrics needs the metrics token: send 'Authorization: Bearer <server.metrics_token>'")
+        return Response(error.body(), 401, {"www-authenticate": "Bearer"}, media_type="application/json")
     telemetry = _state(request).telemetry
     return Response(await telemetry.metrics(), media_type=METRICS_CONTENT_TYPE)
 

@@ -8,11 +8,12 @@ that disconnects at any point cancels the wait or closes the upstream connection
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 import time
-from collections.abc import AsyncIterator
 
 from gateway_guard.admission.budget import estimate_prompt_tokens
-from gateway_guard.admission.ticket import Ticket, Usage
 from gateway_guard.app.asgi import (
     BodyBudget,
     ClientDisconnected,
@@ -27,17 +28,37 @@ from gateway_guard.app.asgi import (
 )
 from gateway_guard.app.body import model_of
 from gateway_guard.app.paths import encoded, is_admin_only, is_proxied, needs_permit, request_path
+from gateway_guard.app.relay import SendTracker, UpstreamLoading, forward
 from gateway_guard.app.state import GuardState
 from gateway_guard.errors import (
     Forbidden,
     GuardError,
     NotFound,
     Outcome,
+    UpstreamUnavailable,
 )
 from gateway_guard.telemetry import RequestRecord
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.headers import client_response_headers
-from gateway_guard.upstream.usage import UsageMeter
+from gateway_guard.upstream.errors import UpstreamClosedEarly
+from gateway_guard.upstream.probe import DOWN, LOADING, UP, Prober
+
+RETRY_PAUSE, RETRY_PAUSE_MAX = 0.05, 2.0
+log = logging.getLogger("gateway_guard.proxy")
+
+
+class UpstreamWentAway(UpstreamUnavailable):
+    """The server closed the connection before answering and its health check says it is gone: a restart lost
+    the request's work, so sending it again costs the GPU nothing twice."""
+
+    code = "upstream_went_away"
+
+
+async def _went_away(prober: Prober) -> bool:
+    state, detail = await prober.health()
+    if state == UP:
+        return False
+    prober.report(state, detail)
+    return True
 
 
 class ProxyHandler:
@@ -49,7 +70,7 @@ class ProxyHandler:
         record = RequestRecord(method=scope["method"], path=scope["path"])
         self.state.telemetry.request_started(record, scope["headers"])
         started = record.started
-        sent = _SendTracker(send)
+        sent = SendTracker(send)
         metered = self.bodies.metered(receive)  # bodies read count against server.body_budget_bytes until the end
         try:
             await self._handle(scope, metered, sent, record)
@@ -61,12 +82,14 @@ class ProxyHandler:
             if not sent.started:
                 record.status = error.status
                 await send_error(send, error, {"x-guard-lane": record.lane} if record.lane else None)
+            elif not sent.ended:  # cut after the answer began: end the body cleanly
+                await sent.body(b"", more=False)
         finally:
             metered.release()
             record.duration = time.perf_counter() - started
             self.state.telemetry.request_finished(record)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: _SendTracker, record: RequestRecord) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: SendTracker, record: RequestRecord) -> None:
         state = self.state
         headers = header_list(scope)
         hmap = dict(headers)
@@ -82,72 +105,47 @@ class ProxyHandler:
         record.upstream = upstream.name
         with DisconnectWatch(receive):
             if not needs_permit(scope["method"], cls.path):
-                await self._forward(scope, upstream, headers, body, send, record, None)
+                await forward(state.telemetry, scope, upstream, headers, body, send, record, None)
                 return
             record.queue_entered = time.perf_counter()
-            prompt = estimate_prompt_tokens(body)
-            async with state.admission.enter(upstream.name, cls.lane, cls.profile, prompt_tokens=prompt) as ticket:
-                record.queue_wait = ticket.queue_wait
-                record.outcome = Outcome.ADMITTED
-                await self._forward(scope, upstream, headers, body, send, record, ticket)
+            await self._admitted(scope, upstream, headers, body, send, record, estimate_prompt_tokens(body))
 
-    async def _forward(
+    async def _admitted(
         self,
         scope: Scope,
         upstream: Upstream,
         headers: list[tuple[str, str]],
         body: bytes,
-        send: _SendTracker,
+        send: SendTracker,
         record: RequestRecord,
-        ticket: Ticket | None,
+        prompt: int,
     ) -> None:
-        t0 = record.upstream_started = time.perf_counter()
-        headers = self.state.telemetry.upstream_headers(record, headers)  # the guard's traceparent when tracing
-        response = await upstream.send(scope["method"], record.path, scope["query_string"], headers, body)
-        try:
-            record.status = response.status
-            record.streamed = "event-stream" in response.content_type or "ndjson" in response.content_type
-            extra = [(b"x-guard-lane", (record.lane or "").encode()), (b"x-guard-upstream", upstream.name.encode())]
-            await send.start(response.status, client_response_headers(response.raw_headers) + extra)
-            meter = UsageMeter(response.content_type)
+        """Enter admission, forward, relay. An upstream that is down or restarting before the client saw a byte
+        does not cost the request: it goes back to its lane (same place, same deadline) until the server is
+        back -- the gate is held meanwhile -- and is sent again only when the server never worked on it or is
+        gone (a restart loses what it was doing)."""
+        state = self.state
+        prober = state.probers[upstream.name]
+        lane, profile = record.lane or "", record.profile or ""
+        since: float | None = None
+        arrived = asyncio.get_running_loop().time()
+        for attempt in itertools.count():
             try:
-                await _relay(response.chunks(), send, meter, record, t0)
-            finally:  # tokens seen so far count, even when the client left mid-stream
-                meter.finish()
-                record.prompt_tokens, record.completion_tokens = meter.prompt_tokens, meter.completion_tokens
-                if ticket is not None:
-                    ticket.usage = Usage(meter.prompt_tokens, meter.completion_tokens)
-            await send.body(b"", more=False)
-        finally:
-            await response.aclose()  # closes the upstream connection if unfinished: the server frees its slot
-
-
-async def _relay(
-    chunks: AsyncIterator[bytes], send: _SendTracker, meter: UsageMeter, record: RequestRecord, t0: float
-) -> None:
-    async for chunk in chunks:
-        if record.ttfb is None:
-            record.ttfb = time.perf_counter() - t0
-        record.bytes_out += len(chunk)
-        meter.feed(chunk)
-        await send.body(chunk, more=True)
-
-
-class _SendTracker:
-    """Knows whether the response has started (after that, an error can only end the stream)."""
-
-    __slots__ = ("_send", "started")
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.started = True
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def body(self, data: bytes, *, more: bool) -> None:
-        try:
-            await self._send({"type": "http.response.body", "body": data, "more_body": more})
-        except OSError as exc:  # some servers raise when the peer is gone
-            raise ClientDisconnected from exc
+                async with state.admission.enter(upstream.name, lane, profile, prompt_tokens=prompt, since=since) as t:
+                    record.queue_wait = t.queue_wait
+                    record.outcome = Outcome.ADMITTED
+                    try:
+                        await forward(state.telemetry, scope, upstream, headers, body, send, record, t)
+                    except UpstreamClosedEarly as exc:  # closed before answering: a restart, or a broken server?
+                        if send.started or not await _went_away(prober):
+                            raise
+                        raise UpstreamWentAway(f"upstream {upstream.name!r} went away: {exc.message}") from exc
+                return
+            except UpstreamUnavailable as exc:
+                if send.started:
+                    raise
+                prober.report(LOADING if isinstance(exc, UpstreamLoading) else DOWN, exc.message)
+                since = arrived
+                log.info("%s %s goes back to its %r line: %s", scope["method"], record.path, lane, exc.message)
+                if attempt:  # the server keeps refusing while its health check says up: do not spin
+                    await asyncio.sleep(min(RETRY_PAUSE_MAX, RETRY_PAUSE * 2**attempt))

@@ -17,12 +17,13 @@ from gateway_guard.admission.gate import AdmissionGate, Gate
 from gateway_guard.admission.limit import build_limit
 from gateway_guard.admission.policy import Policy, ProbeSpec
 from gateway_guard.admission.rate import RateLimiter
+from gateway_guard.admission.reservations import Reservations
 from gateway_guard.admission.ticket import Admission
 from gateway_guard.app.classify import Classifier
 from gateway_guard.settings import Settings
 from gateway_guard.telemetry import Telemetry
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.probe import Prober, Reading
+from gateway_guard.upstream.probe import DOWN, LOADING, Prober, Reading
 
 if TYPE_CHECKING:
     from gateway_guard.admission.cluster import Cluster
@@ -42,8 +43,12 @@ class GuardState:
 
             self.cluster = Cluster(settings.cluster)
             self.rates = self.cluster.rates
-        self.admission = Admission(self.gates, self.rates)
-        self.probers = {name: Prober(up, self._reading_for(name)) for name, up in self.upstreams.items()}
+        self.reservations = Reservations()  # batch slots booked by dispatchers (POST /guard/reservations)
+        self.admission = Admission(self.gates, self.rates, self.reservations)
+        self.probers = {
+            name: Prober(up, self._reading_for(name), on_state=self._state_for(name))
+            for name, up in self.upstreams.items()
+        }
         self.telemetry = Telemetry.from_settings(settings, self.gates, self.probers)
         self.policy: Policy | None = None
         self.classifier: Classifier
@@ -84,6 +89,20 @@ class GuardState:
                 gate.on_saturation(reading.saturation)
 
         return on_reading
+
+    def _state_for(self, name: str) -> Callable[[str, str], None]:
+        """An upstream that is down or loading holds its gate: requests wait in their lanes until it is back."""
+
+        def on_state(state: str, detail: str) -> None:
+            gate = self.gates.get(name)
+            if gate is None:
+                return
+            if state in (DOWN, LOADING):
+                gate.hold(f"{state}: {detail}")
+            else:
+                gate.resume()
+
+        return on_state
 
     def start(self) -> None:
         """Start the background work (upstream probes); in the running loop, idempotent."""

@@ -50,7 +50,11 @@ from gateway_guard.telemetry.record import RequestRecord
 PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 QUEUED_SECONDS = 0.001  # a permit granted sooner was granted at once: no queue.wait span for it
 UNSET = Status(StatusCode.UNSET)
-ERROR_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT})
+# Not served: the upstream failed it, or the guard refused it for want of room (a 429 now, a 503 before; the
+# caller's own limits -- profile queue, rate -- are the caller's doing and stay unset, as 4xx do).
+ERROR_OUTCOMES = frozenset(
+    {Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT, Outcome.REJECTED_QUEUE_FULL, Outcome.EXPIRED_DEADLINE}
+)
 GEN_AI_OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",

@@ -1,10 +1,17 @@
 """One probe loop per upstream: is it up, and what does it say about its own load (``saturation.py``)?
 
-Every ``interval`` seconds the prober asks the upstream whether it is ready (its health endpoints) and, unless
-``kind = "off"``, reads its load (``probe = "auto"`` tries ``/metrics`` then ``/api/ps`` and keeps the first
-that answers). The last ``Reading`` is kept with its time: ``/metrics``, ``/guard/ready`` and the capacity view
-read it, so no client request ever causes a call upstream (no amplification). Each reading is handed to
-``on_reading`` (the state feeds it to the upstream's limit: an adaptive one learns from it).
+Every ``interval`` seconds the prober asks the upstream's ``GET /health`` and, unless ``kind = "off"``, reads
+its load (``probe = "auto"`` tries ``/metrics`` then ``/api/ps`` and keeps the first that answers). The last
+``Reading`` is kept with its time: ``/metrics``, ``/guard/ready`` and the capacity view read it, so no client
+request ever causes a call upstream (no amplification). Each reading is handed to ``on_reading`` (the state
+feeds it to the upstream's limit: an adaptive one learns from it).
+
+**The upstream's state** (``up`` / ``down`` / ``loading``, since when): ``down`` when it cannot be reached,
+``loading`` when its health check (or a request) answers 503 (llama.cpp's "Loading model"), else ``up``. The
+proxy reports what its requests see (``report``): a refused connection, a not-ready answer, a server gone
+before it answered. While the upstream is not up it is probed again with backoff (``BACKOFF`` doubling up to
+the interval), and ``on_state`` hears each change: the state holds the upstream's gate (requests wait in
+their lanes) until it is back.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway_guard.errors import GuardError
+from gateway_guard.errors import GuardError, UpstreamUnavailable
 from gateway_guard.upstream.client import Upstream
 from gateway_guard.upstream.saturation import (
     KINDS,
@@ -29,6 +36,8 @@ from gateway_guard.upstream.saturation import (
 log = logging.getLogger("gateway_guard.probe")
 
 TIMEOUT = 2.0  # a busy server answers its metrics late (llama.cpp: after the decode step under way), not never
+BACKOFF = 0.25  # first re-probe of an upstream that went away; doubles up to the interval
+UP, DOWN, LOADING, UNKNOWN = "up", "down", "loading", "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,7 @@ class Reading:
     ready: bool
     detail: str
     saturation: Saturation | None
+    state: str = UP
 
     def age(self) -> float:
         return time.monotonic() - self.at
@@ -52,10 +62,17 @@ class Prober:
         *,
         kind: str = "auto",
         interval: float = 2.0,
+        on_state: Callable[[str, str], None] | None = None,
     ) -> None:
         self.upstream = upstream
         self.interval = interval
         self._on_reading = on_reading
+        self._on_state = on_state
+        self.state = UNKNOWN
+        self.state_detail = "not probed yet"
+        self.state_since = time.monotonic()
+        self._backoff = BACKOFF
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._warned = False
         self._first = asyncio.Event()
@@ -91,11 +108,53 @@ class Prober:
             log.warning("upstream %s: no load metrics answered (probe auto): latency only", self.upstream.name)
         return None
 
+    def report(self, state: str, detail: str, *, probe_soon: bool = True) -> None:
+        """What a request saw (``DOWN``, ``LOADING``) or the health check said; probes again soon when not up."""
+        if state != self.state:
+            log.log(
+                logging.INFO if state == UP else logging.WARNING,
+                "upstream %s is %s: %s (was %s for %.1fs)",
+                self.upstream.name,
+                state,
+                detail,
+                self.state,
+                time.monotonic() - self.state_since,
+            )
+            self.state, self.state_since = state, time.monotonic()
+            if state != UP:
+                self._backoff = BACKOFF
+                if probe_soon:
+                    self.poke()
+                if not self.running:  # the state holds the gate on this: someone must see the server back
+                    self.start()
+        self.state_detail = detail
+        if self._on_state is not None:
+            self._on_state(state, detail)
+
+    def poke(self) -> None:
+        """Probe now rather than at the next interval (something looked wrong)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def health(self) -> tuple[str, str]:
+        """``GET /health``: a refused connection is down, a 503 is loading, any other answer is up -- and so is
+        a server that took the connection but is slow to answer or breaks the answer (there, not restarting)."""
+        try:
+            status, text = await self.upstream.get_text("/health", timeout=TIMEOUT)
+        except UpstreamUnavailable as exc:
+            return DOWN, str(exc)
+        except GuardError as exc:
+            return UP, f"GET /health: {exc}"
+        if status == 503:
+            return LOADING, f"GET /health -> 503 {text[:80].strip()}"
+        return UP, f"GET /health -> {status}"
+
     async def read(self) -> Reading:
-        """One full reading now (readiness, then load), kept as ``last`` and handed on."""
-        ready, detail = await self.upstream.ready()
-        sat = await self.probe_once()
-        reading = Reading(time.monotonic(), ready, detail, sat)
+        """One full reading now (health, then load), kept as ``last`` and handed on."""
+        state, detail = await self.health()
+        self.report(state, detail, probe_soon=False)
+        sat = await self.probe_once() if state == UP else None
+        reading = Reading(time.monotonic(), state == UP, detail, sat, state)
         self.last = reading
         self._first.set()
         if self._on_reading is not None:
@@ -133,12 +192,20 @@ class Prober:
         return sat if sat is not None and sat.source.startswith(expected) else None
 
     async def run(self) -> None:
+        wake = self._wake = asyncio.Event()
         while True:
+            wake.clear()
             try:
                 await self.read()
             except Exception:  # a probe reports, never dies
                 log.exception("upstream %s: probe failed", self.upstream.name)
-            await asyncio.sleep(self.interval)
+            if self.state in (UP, UNKNOWN):
+                delay = self.interval
+            else:
+                delay, self._backoff = self._backoff, min(max(self.interval, BACKOFF), self._backoff * 2)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()
 
     @property
     def running(self) -> bool:

@@ -172,7 +172,7 @@ async def test_queue_deadline_raises_with_retry_after(clock: FakeClock) -> None:
     assert waiting.done()
     err = waiting.exception()
     assert isinstance(err, DeadlineExceeded)
-    assert err.status == 503 and err.lane == "interactive" and err.retry_after is not None and err.retry_after > 0
+    assert err.status == 429 and err.lane == "interactive" and err.retry_after is not None and err.retry_after > 0
     assert gate.snapshot().queued == 0
     held.release()
     assert gate.snapshot().free == 1
@@ -198,7 +198,7 @@ async def test_full_queue_rejects_at_once_with_honest_retry_after(clock: FakeClo
     await settle()
     with pytest.raises(QueueFull) as info:
         await gate.acquire("batch", "p")
-    assert info.value.status == 503
+    assert info.value.status == 429
     assert info.value.retry_after == pytest.approx(3 * 2.4)  # 2 ahead + itself, 2.4 s mean hold, 1 slot
     assert gate.snapshot().queued == 2
     held.release()

@@ -173,16 +173,19 @@ async def test_metadata_calls_take_no_generation_permit() -> None:
         assert (await client.get("/v1/models")).status_code == 200
         assert (await client.get("/v1/models/sim")).status_code == 200
         assert (await client.post("/api/show", json={"model": "sim"})).status_code == 200
-        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 503
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 429
         held.release()
 
 
-async def test_full_queue_is_503_with_retry_after_naming_the_lane() -> None:
-    settings = settings_for(upstreams={"default": {"max_inflight": 1}}, lanes={"batch": {"queue_size": 0}})
+@pytest.mark.parametrize(("configured", "status"), [({}, 429), ({"refusal_status": 503}, 503)])
+async def test_full_queue_is_refused_with_retry_after_naming_the_lane(configured: dict[str, int], status: int) -> None:
+    lanes = {"batch": {"queue_size": 0, **configured}}
+    settings = settings_for(upstreams={"default": {"max_inflight": 1}}, lanes=lanes)
     async with guard_client(settings, fast_sim()) as (client, state):
         held = await state.gates["default"].acquire("batch", "p")
         r = await client.post("/v1/chat/completions", json=CHAT)
-        assert r.status_code == 503
+        assert r.status_code == status
+        assert r.json()["error"]["type"] == "rate_limit_error"
         assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["lane"] == "batch"
         assert_openai_error(r.json(), "queue_full")
@@ -258,15 +261,20 @@ async def test_requests_route_by_model_to_their_upstream() -> None:
         assert r.status_code == 404 and "large" in r.json()["error"]["message"]
 
 
-async def test_upstream_down_is_502_fast_and_frees_the_permit() -> None:
-    async with guard_client(settings_for(url="http://127.0.0.1:9")) as (client, _):
+async def test_upstream_down_holds_the_request_until_its_deadline_then_429_and_frees_the_permit() -> None:
+    settings = settings_for(url="http://127.0.0.1:9", lanes={"batch": {"queue_timeout": 1.0}})
+    async with guard_client(settings) as (client, state):
         r = await client.post("/v1/chat/completions", json=CHAT)
-        assert r.status_code == 502
-        assert_openai_error(r.json(), "upstream_unavailable")
-        assert "127.0.0.1" not in r.text
-        await assert_all_free(client)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert_openai_error(r.json(), "queue_deadline_exceeded")
+        assert "not ready" in r.json()["error"]["message"] and "127.0.0.1" not in r.text
+        assert state.probers["default"].state == "down"
+        capacity = (await client.get("/guard/capacity")).json()
+        assert capacity["free"] == 0 and capacity["upstreams"]["default"]["in_flight"] == 0
         ready = await client.get("/guard/ready")
         assert ready.status_code == 503 and ready.json()["ready"] is False
+        models = await client.get("/v1/models")  # no GPU work: not held, a 502 at once
+        assert models.status_code == 502 and "127.0.0.1" not in models.text
 
 
 async def test_admin_can_change_a_limit_live() -> None:

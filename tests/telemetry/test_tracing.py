@@ -55,7 +55,7 @@ async def test_streamed_request_gives_spans_and_continues_the_clients_trace(
             expired = await g.client.post("/v1/chat/completions", json=chat(2), headers={"x-guard-lane": "batch"})
             async for _ in chunks:
                 pass
-        assert ((await second).status_code, expired.status_code) == (200, 503)
+        assert ((await second).status_code, expired.status_code) == (200, 429)
         upstream_saw = [h for h in g.upstream.seen if h[":path"] == "/v1/chat/completions"]
     # running_guard's exit shut the provider down: every span has been exported
 
@@ -111,7 +111,7 @@ async def test_streamed_request_gives_spans_and_continues_the_clients_trace(
 
     # the batch request waited out its 0.1 s deadline in the queue: refused there, never sent upstream
     (refused,) = [s for s in servers if s.attributes["guard.outcome"] == "expired_deadline"]
-    assert refused.status_code == STATUS_CODE_ERROR and refused.attributes["http.response.status_code"] == 503
+    assert refused.status_code == STATUS_CODE_ERROR and refused.attributes["http.response.status_code"] == 429
     (wait,) = children(otlp_receiver.trace(refused.trace_id), refused).values()
     assert wait.name == "queue.wait" and wait.attributes["guard.queue.admitted"] is False
     assert 0.09 <= wait.duration < 0.5 and wait.attributes["guard.outcome"] == "expired_deadline"
@@ -129,14 +129,17 @@ async def test_refused_and_failed_requests_are_traced_with_their_outcome(
     state: GuardState = app.state.guard
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guard.test") as client:
+            failed_call = await client.get("/v1/models")  # no GPU work: a 502 at once
+            # a generation call finds the upstream down: back to its lane, whose queue takes nobody: refused
             down = await client.post("/v1/chat/completions", json=chat(), headers=INTERACTIVE)
             unknown = await client.post("/v1/chat/completions", json=chat(), headers={"x-guard-lane": "nope"})
     finally:
         await state.aclose()
-    assert (down.status_code, unknown.status_code) == (502, 400)
+    assert (failed_call.status_code, down.status_code, unknown.status_code) == (502, 429, 400)
 
     servers = {s.attributes["guard.outcome"]: s for s in otlp_receiver.spans if s.kind == SPAN_KIND_SERVER}
-    assert set(servers) == {"upstream_error", "rejected_client"}
+    assert set(servers) == {"upstream_error", "rejected_queue_full", "rejected_client"}
+    assert servers["rejected_queue_full"].status_code == STATUS_CODE_ERROR  # not served for want of room
     failed = servers["upstream_error"]
     assert failed.status_code == STATUS_CODE_ERROR
     assert failed.resource["service.name"] == "guard-under-test"

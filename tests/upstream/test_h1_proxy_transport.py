@@ -77,9 +77,10 @@ async def test_client_leaving_mid_stream_stops_the_upstream_and_frees_the_permit
         assert stats.tokens_predicted_total < 60
 
 
-async def test_upstream_down_is_a_502() -> None:
+async def test_upstream_down_is_a_502_for_a_call_that_holds_no_slot() -> None:
+    """Generation calls wait in their lane while the upstream is down (tests/integration/test_outage.py)."""
     async with guard_before(f"http://127.0.0.1:{free_port()}") as (_, http):
-        response = await http.post(CHAT_PATH, json=CHAT)
+        response = await http.get("/v1/models")
         assert assert_openai_error(response, 502)["code"] == "upstream_unavailable"
 
 

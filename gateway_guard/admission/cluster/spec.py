@@ -1,28 +1,13 @@
-"""The ``[cluster]`` settings: a leaf (nothing but the standard library), read by ``settings.py``."""
+"""A replica's id from the ``[cluster]`` settings (``ClusterSpec`` lives in ``admission/policy.py``, a leaf that
+``settings.py`` reads without importing this package, and so redis)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import socket
-from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClusterSpec:
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may carry a password
-    replica_id: str | None = None  # default: host name; the process id and a random tag are always added
-    lease_seconds: float = 10.0
-    namespace: str = "gg"  # key prefix: guards sharing a Redis but not their caps use different ones
-
-    @property
-    def lease_ms(self) -> int:
-        return max(300, round(self.lease_seconds * 1000))
-
-    @property
-    def redis_timeout(self) -> float:
-        """A call slower than this counts as Redis gone (a quarter of a lease, at most one second)."""
-        return min(1.0, self.lease_seconds / 4)
+from gateway_guard.admission.policy import ClusterSpec as ClusterSpec
 
 
 def replica_id(spec: ClusterSpec) -> str:
