@@ -2,9 +2,12 @@
 
 Every event is ``event: capacity`` with the whole current ``/guard/capacity`` JSON (reservations taken
 off), so a client that reconnects needs no replay: one on connect, then one per change, bursts coalesced
-to at most one per ``coalesce_s`` (the first change after a quiet spell goes out at once), and a comment
-line as heartbeat every ``heartbeat_s``. The hub watches the gates and the reservations only while at
-least one client listens: with nobody listening their listener lists are empty and a request pays nothing.
+to at most one per ``coalesce_s`` (the first change after a quiet spell goes out at once; with more than
+``fanout`` listeners the interval grows so that at most ``fanout / coalesce_s`` writes a second go out in
+all), and a comment line as heartbeat every ``heartbeat_s``. Clients wait on one shared future per
+change: a change costs one snapshot and one write per client, no task or timer per client. The hub
+watches the gates and the reservations only while at least one client listens: with nobody listening
+their listener lists are empty and a request pays nothing.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ class EventHub:
 
     def __init__(
         self, snapshot: Callable[[], dict[str, Any]], sources: Callable[[], Iterable[Watchable]], *,
-        heartbeat_s: float = 15.0, coalesce_s: float = 0.05,
+        heartbeat_s: float = 15.0, coalesce_s: float = 0.05, fanout: int = 25,
     ) -> None:
         self._snapshot = snapshot
         self._sources = sources
         self.heartbeat_s = heartbeat_s
         self.coalesce_s = coalesce_s
+        self.fanout = fanout
         self.listeners = 0
         self.sent = 0  # snapshots built (one per coalesced change, whatever the number of clients)
         self._unwatch: list[Callable[[], None]] = []
@@ -49,9 +53,11 @@ class EventHub:
         self._scheduled = False
         self._last_flush = -math.inf
         self._seq = 0
+        self._beat = 0
         self._data = b""
-        self._changed = asyncio.Event()
-        self._closed = asyncio.Event()
+        self._next: asyncio.Future[None] | None = None  # resolved at each change, heartbeat and close
+        self._beat_timer: asyncio.TimerHandle | None = None
+        self.closed = False
 
     # -- change notification (called synchronously by gates and reservations) --
 
@@ -60,7 +66,7 @@ class EventHub:
             return
         self._scheduled = True
         loop = asyncio.get_running_loop()
-        when = self._last_flush + self.coalesce_s
+        when = self._last_flush + self.coalesce_s * max(1.0, self.listeners / self.fanout)
         if loop.time() >= when:
             loop.call_soon(self._flush)
         else:
@@ -75,8 +81,22 @@ class EventHub:
         self._seq += 1
         self._data = self.encode()
         self.sent += 1
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._next = self._next, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def _heartbeat(self) -> None:
+        self._beat += 1
+        self._wake()
+        self._beat_timer = asyncio.get_running_loop().call_later(self.heartbeat_s, self._heartbeat)
+
+    async def _wait(self) -> None:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._next)  # shielded: one client's cancellation must not cancel the others' wait
 
     def encode(self) -> bytes:
         return b"event: capacity\ndata: " + json.dumps(self._snapshot(), separators=(",", ":")).encode() + b"\n\n"
@@ -101,15 +121,20 @@ class EventHub:
         self.listeners += 1
         if self.listeners == 1:
             self._resubscribe()
+            self._beat_timer = asyncio.get_running_loop().call_later(self.heartbeat_s, self._heartbeat)
 
     def _leave(self) -> None:
         self.listeners -= 1
         if self.listeners == 0:
             self._drop_watches()
+            if self._beat_timer is not None:
+                self._beat_timer.cancel()
+                self._beat_timer = None
 
     def close(self) -> None:
         """End every stream (the server is stopping: uvicorn waits for open responses before it exits)."""
-        self._closed.set()
+        self.closed = True
+        self._wake()
 
     def close_on_exit_signals(self) -> None:
         """Chain SIGTERM/SIGINT (uvicorn's handlers, installed by now) so that open streams end at once."""
@@ -134,26 +159,20 @@ class EventHub:
                 headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                            (b"x-accel-buffering", b"no")]
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
-                seq = self._seq
+                seq, beat = self._seq, self._beat
                 await send({"type": "http.response.body", "body": self.encode(), "more_body": True})
-                while not self._closed.is_set():
-                    changed = self._changed
-                    if seq == self._seq:
-                        closed = asyncio.ensure_future(self._closed.wait())
-                        waiting = asyncio.ensure_future(changed.wait())
-                        try:
-                            await asyncio.wait((waiting, closed), timeout=self.heartbeat_s,
-                                               return_when=asyncio.FIRST_COMPLETED)
-                        finally:
-                            waiting.cancel()
-                            closed.cancel()
-                    if self._closed.is_set():
+                while not self.closed:
+                    if seq == self._seq and beat == self._beat:
+                        await self._wait()
+                    if self.closed:
                         break
                     if seq != self._seq:
-                        seq = self._seq
                         body = self._data
-                    else:
+                    elif beat != self._beat:
                         body = HEARTBEAT
+                    else:
+                        continue
+                    seq, beat = self._seq, self._beat
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (ClientDisconnected, OSError):
@@ -253,12 +272,16 @@ class _State(Protocol):
     def gates(self) -> Mapping[str, Any]: ...
     @property
     def settings(self) -> Any: ...
+    @property
+    def probers(self) -> Mapping[str, Any]: ...
+    @property
+    def reservations(self) -> Reservations: ...
 
 
 def capacity_with_reservations(state: _State, reservations: Reservations) -> dict[str, Any]:
     from gateway_guard.app.endpoints import capacity_payload
 
-    return apply_reservations(capacity_payload(state.gates), reservations)
+    return apply_reservations(capacity_payload(state.gates, probers=state.probers), reservations)
 
 
 def free_room(payload: Mapping[str, Any], upstream: str | None) -> int:
@@ -275,7 +298,7 @@ def mount(state: _State, *, heartbeat_s: float = 15.0) -> tuple[list[Any], Reser
     """The routes of this module (put them before the proxy's catch-all), the bookings and the hub."""
     from starlette.routing import Route
 
-    reservations = Reservations()
+    reservations = state.reservations  # the state's: admission consumes them
     hub = EventHub(lambda: capacity_with_reservations(state, reservations),
                    lambda: [*state.gates.values(), reservations], heartbeat_s=heartbeat_s)
     api = ReservationEndpoints(
