@@ -2,7 +2,7 @@
 
 * One point per ``resolution`` seconds per upstream (the most in flight and queued seen in that step, the last
   limit), for the last ``window`` seconds: a ring buffer of ``window / resolution`` points.
-* Each upstream's state (up / down, since when, why), from readiness probes and from how requests ended.
+* Each upstream's state (up / down / loading, since when, why), from its prober and from how requests ended.
 * The last ``max_refusals`` refusals and upstream failures (status, lane, profile, upstream, reason).
 * Tokens per minute per profile: a sliding minute of ``TOKEN_STEP``-second buckets.
 
@@ -57,7 +57,7 @@ class _Step:
 
 @dataclass(slots=True)
 class _UpstreamState:
-    state: str = "unknown"  # up / down / unknown (no probe yet)
+    state: str = "unknown"  # up / down / loading, as the prober says; unknown before its first word
     since: float | None = None
     detail: str = ""
 
@@ -104,10 +104,10 @@ class History:
                 del self._points[name]
                 self._states.pop(name, None)
 
-    def set_state(self, upstream: str, up: bool, detail: str, now: float) -> None:
-        """A readiness probe's answer (``detail`` names no URL: the upstream client words it by name)."""
+    def set_state(self, upstream: str, state: str, detail: str, now: float) -> None:
+        """The upstream's state as its prober says (up / down / loading; ``detail`` names no URL)."""
         if upstream in self._states or len(self._states) < MAX_UPSTREAMS:
-            self._states.setdefault(upstream, _UpstreamState()).set("up" if up else "down", detail, now)
+            self._states.setdefault(upstream, _UpstreamState()).set(state, detail, now)
 
     def observe(self, record: RequestRecord, now: float) -> None:
         """One finished request (``Telemetry.on_finished``): refusals, tokens, and the upstream's state."""
@@ -125,11 +125,11 @@ class History:
             )
         if record.upstream is not None:
             if record.outcome in (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TIMEOUT):
-                self.set_state(record.upstream, False, record.error or str(record.outcome), now)
+                self.set_state(record.upstream, "down", record.error or str(record.outcome), now)
             elif record.outcome in (Outcome.ADMITTED, Outcome.PASSTHROUGH) and 0 < record.status < 500:
                 known = self._states.get(record.upstream)
                 if known is None or known.state != "up":  # else the probe's own words stay
-                    self.set_state(record.upstream, True, f"answered {record.status}", now)
+                    self.set_state(record.upstream, "up", f"answered {record.status}", now)
         tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
         if tokens > 0:
             self._add_tokens(record.profile or "default", tokens, now)
@@ -184,7 +184,7 @@ class History:
 async def sample_forever(
     history: History,
     read_capacity: Callable[[], Mapping[str, Any]],
-    read_states: Callable[[], Mapping[str, tuple[bool, str]]],
+    read_states: Callable[[], Mapping[str, tuple[str, str]]],
     clock: Callable[[], float],
     *,
     every: float = 1.0,
@@ -195,8 +195,8 @@ async def sample_forever(
         now = clock()
         try:
             history.sample(read_capacity(), now)
-            for name, (ok, detail) in read_states().items():
-                history.set_state(name, ok, detail, now)
+            for name, (state, detail) in read_states().items():
+                history.set_state(name, state, detail, now)
         except Exception:  # the page's history must never take the guard down
             log.exception("status history sampler failed; trying again")
         await asyncio.sleep(every)

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from gateway_guard.app.asgi import is_admin
-from gateway_guard.app.endpoints import capacity_payload
+from gateway_guard.app.endpoints import guard_capacity
 from gateway_guard.app.history import History, sample_forever
 from gateway_guard.app.state import GuardState
 
@@ -57,7 +57,7 @@ class StatusPage:
         self,
         history: History,
         read_capacity: Callable[[], Mapping[str, Any]],
-        read_states: Callable[[], Mapping[str, tuple[bool, str]]],
+        read_states: Callable[[], Mapping[str, tuple[str, str]]],
         admin_token: Callable[[], str | None],
         *,
         access: str = STATUS_PAGE_DEFAULT,
@@ -81,12 +81,12 @@ class StatusPage:
         history = History()
         state.telemetry.on_finished.append(lambda record: history.observe(record, time.time()))
 
-        def read_states() -> dict[str, tuple[bool, str]]:  # as GET /guard/ready reads them
-            return {n: (p.last.ready, p.last.detail) for n, p in state.probers.items() if p.last is not None}
+        def read_states() -> dict[str, tuple[str, str]]:  # what the probers last said (no call upstream)
+            return {n: (p.state, p.state_detail) for n, p in state.probers.items()}
 
         return cls(
             history,
-            lambda: capacity_payload(state.gates),
+            lambda: guard_capacity(state),
             read_states,
             lambda: state.settings.server.admin_token,
             access=access,
@@ -223,20 +223,20 @@ def bar(label: str, in_flight: int, queued: int, limit: int | None, scale: int, 
 
 
 def upstream_state(
-    name: str, up: Mapping[str, Any], hist: Mapping[str, Any]
-) -> tuple[str, Path | None, Any, Path | None]:
-    """(state, its JSON path, since, since's path): the capacity payload's ``state`` when it has one, else
-    the history's (readiness probes and how requests ended)."""
-    given = up.get("state")
-    if isinstance(given, str):
-        return given, ["c", "upstreams", name, "state"], up.get("since"), ["c", "upstreams", name, "since"]
-    if isinstance(given, Mapping) and isinstance(given.get("state"), str):
-        base = ["c", "upstreams", name, "state"]
-        return given["state"], [*base, "state"], given.get("since"), [*base, "since"]
+    name: str, up: Mapping[str, Any], hist: Mapping[str, Any], now: float
+) -> tuple[str, Path | None, float | None, str | None, Path | None]:
+    """(state, its path, since as wall-clock seconds, detail, its path): the capacity view's ``state``
+    (``state_since_s`` seconds ago, ``state_detail``) when it has one, else the history's."""
+    if isinstance(up.get("state"), str):
+        ago = up.get("state_since_s")
+        since = now - ago if isinstance(ago, (int, float)) else None
+        p = ["c", "upstreams", name]
+        return up["state"], [*p, "state"], since, up.get("state_detail"), [*p, "state_detail"]
     h = hist.get("upstreams", {}).get(name)
     if h is None:  # not sampled yet
-        return "unknown", None, None, None
-    return h["state"], ["h", "upstreams", name, "state"], h.get("since"), None
+        return "unknown", None, None, None, None
+    p = ["h", "upstreams", name]
+    return h["state"], [*p, "state"], h.get("since"), h.get("detail"), [*p, "detail"]
 
 
 def chart(name: str, points: list[list[float]], now: float, window: float) -> str:
@@ -290,7 +290,7 @@ def _views(title: str, name: str, kind: str, views: Mapping[str, Any], scale: in
 
 def render_upstream(name: str, up: Mapping[str, Any], hist: Mapping[str, Any]) -> str:
     p = ["c", "upstreams", name]
-    state, state_path, since, since_path = upstream_state(name, up, hist)
+    state, state_path, since, detail, detail_path = upstream_state(name, up, hist, hist.get("now", 0.0))
     h = hist.get("upstreams", {}).get(name, {})
     limit = up["limit"]
     batch = up.get("lanes", {}).get("batch")
@@ -298,10 +298,12 @@ def render_upstream(name: str, up: Mapping[str, Any], hist: Mapping[str, Any]) -
     out = [
         f'<section class="upstream" data-upstream="{escape(name)}"><h2>{escape(name)} '
         f'<span class="state {escape(state)}"{_dk(state_path)}>{escape(state)}</span>'
-        f' <small>since {utc(since if isinstance(since, (int, float)) else None)}</small></h2>',
+        f" <small>since {utc(since)}</small></h2>",
     ]
-    if h.get("detail") and since_path is None:
-        out.append(f'<p class="detail" data-k="{_k(["h", "upstreams", name, "detail"])}">{escape(h["detail"])}</p>')
+    if detail:
+        out.append(f'<p class="detail"{_dk(detail_path)}>{escape(detail)}</p>')
+    if up.get("held") is not None:  # the upstream is not up: nothing is granted, requests wait in their lanes
+        out.append(f'<p class="held">held {num([*p, "held"], up["held"])}: requests wait until it is back</p>')
     reason = up.get("limit_reason")
     out.append(
         f'<p class="summary">limit {num([*p, "limit"], limit)}'

@@ -49,8 +49,8 @@ def test_points_older_than_the_window_leave() -> None:
 
 def test_state_changes_keep_their_since_and_requests_move_it() -> None:
     h = History()
-    h.set_state("gpu", True, "GET /health -> 200", T0)
-    h.set_state("gpu", True, "GET /health -> 200", T0 + 5)
+    h.set_state("gpu", "up", "GET /health -> 200", T0)
+    h.set_state("gpu", "up", "GET /health -> 200", T0 + 5)
     assert h.as_dict(T0 + 6)["upstreams"]["gpu"] | {"points": []} == {
         "state": "up",
         "since": T0,
@@ -104,7 +104,7 @@ def test_profiles_beyond_the_cap_are_summed_as_other() -> None:
 def test_a_removed_upstream_leaves_the_history() -> None:
     h = History()
     h.sample(capacity(name="old"), T0)
-    h.set_state("old", True, "ok", T0)
+    h.set_state("old", "up", "ok", T0)
     h.sample(capacity(name="new"), T0 + 1)
     assert list(h.as_dict(T0 + 1)["upstreams"]) == ["new"]
 
@@ -116,7 +116,7 @@ def _a_busy_second(h: History, t: float, i: int) -> None:
     if i % 11 == 0:
         h.observe(record(Outcome.REJECTED_QUEUE_FULL, 503, profile=f"p{i % 9}", error=f"queue full #{i}"), t)
     if i % 300 == 0:
-        h.set_state("gpu", i % 600 == 0, f"probe {i}", t)
+        h.set_state("gpu", "up" if i % 600 == 0 else "down", f"probe {i}", t)
 
 
 def test_a_day_of_fake_time_keeps_memory_flat() -> None:
@@ -156,8 +156,8 @@ async def test_the_sampler_samples_and_reads_states_on_its_clock() -> None:
             raise RuntimeError("a failing read is logged, not fatal")
         return capacity(len(steps))
 
-    def states() -> Mapping[str, tuple[bool, str]]:
-        return {"gpu": (len(steps) < 3, f"reading at step {len(steps)}")}
+    def states() -> Mapping[str, tuple[str, str]]:
+        return {"gpu": ("up" if len(steps) < 3 else "loading", f"reading at step {len(steps)}")}
 
     def clock() -> float:
         now[0] += 1
@@ -171,5 +171,5 @@ async def test_the_sampler_samples_and_reads_states_on_its_clock() -> None:
         await task
     d = h.as_dict(now[0])["upstreams"]["gpu"]
     assert [p[1] for p in d["points"]][:3] == [1, 2, 3]
-    assert (d["state"], d["since"]) == ("down", T0 + 3)
+    assert (d["state"], d["since"]) == ("loading", T0 + 3)
     assert d["detail"].startswith("reading at step")

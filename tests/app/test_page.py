@@ -159,9 +159,9 @@ async def test_access_token_mode_and_off() -> None:
         assert (await client.get("/guard/capacity")).status_code == 200  # unchanged: the same rule as before
 
 
-def test_state_and_reservations_from_the_capacity_payload_win() -> None:
-    """When the capacity view carries ``state`` (a word, or {state, since}) and ``reserved``, the page shows those;
-    else the history's state, and "unknown" (with no JSON path) before the first sample."""
+def test_state_held_and_reservations_from_the_capacity_view() -> None:
+    """The capacity view's ``state`` (with ``state_since_s``, ``state_detail``), ``held`` and ``reserved`` are
+    shown; without a ``state`` the history's; "unknown" (with no JSON path) before either has one."""
     up = {
         "limit": 4, "limit_reason": "adaptive: deferred 0", "in_flight": 1, "queued": 0, "free": 3,
         "lanes": {"batch": {"limit": 3, "in_flight": 1, "queued": 0, "free": 2}},
@@ -169,20 +169,25 @@ def test_state_and_reservations_from_the_capacity_payload_win() -> None:
         "reserved": {"batch": 1},
         "limit_history": [{"ago_s": 12.5, "limit": 3, "reason": "start"}, {"ago_s": 2.0, "limit": 4, "reason": "up"}],
     }  # fmt: skip
-    hist = {"now": 1_800_000_000.0, "window_s": 3600, "upstreams": {"b": {"state": "down", "since": 1.0, "points": []}}}
-    for state, path in (("loading", ["state"]), ({"state": "loading", "since": 1_799_999_000.0}, ["state", "state"])):
-        cap = {"free": 2, "lanes": {}, "upstreams": {"a": dict(up, state=state), "b": dict(up), "c": dict(up)}}
-        html = render_page(cap, hist)
-        shown = page_values(html)
-        assert mismatches(shown, cap, hist) == []
-        assert shown_at(shown, ["c", "upstreams", "a", *path]) == "loading"
-        assert shown_at(shown, ["h", "upstreams", "b", "state"]) == "down"
-        assert '<span class="state unknown">unknown</span>' in html  # "c": no state anywhere yet
-        assert shown_at(shown, ["c", "upstreams", "a", "reserved", "batch"]) == "1"
-        assert shown_at(shown, ["c", "upstreams", "a", "limit_history", "0", "ago_s"]) == "12.5"
-        assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "in_flight"]) == "1"
-        assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "limit"]) is None  # no cap: not shown
-        assert 'aria-label="profile alpha 1 in flight (no cap of its own)"' in html
+    now = 1_800_000_000.0
+    hist = {"now": now, "window_s": 3600, "upstreams": {"b": {"state": "down", "since": now - 60, "detail": "gone"}}}
+    loading = {"state": "loading", "state_since_s": 30.0, "state_detail": "GET /health -> 503", "held": 2}
+    cap = {"free": 2, "lanes": {}, "upstreams": {"a": up | loading, "b": dict(up), "c": dict(up)}}
+    html = render_page(cap, hist)
+    shown = page_values(html)
+    assert mismatches(shown, cap, hist) == []
+    assert shown_at(shown, ["c", "upstreams", "a", "state"]) == "loading"
+    assert shown_at(shown, ["c", "upstreams", "a", "state_detail"]) == "GET /health -> 503"
+    assert shown_at(shown, ["c", "upstreams", "a", "held"]) == "2"
+    assert time.strftime("%H:%M:%S", time.gmtime(now - 30)) + " UTC</time>" in html  # since: 30 s before now
+    assert shown_at(shown, ["h", "upstreams", "b", "state"]) == "down"
+    assert shown_at(shown, ["h", "upstreams", "b", "detail"]) == "gone"
+    assert '<span class="state unknown">unknown</span>' in html  # "c": no state anywhere yet
+    assert shown_at(shown, ["c", "upstreams", "a", "reserved", "batch"]) == "1"
+    assert shown_at(shown, ["c", "upstreams", "a", "limit_history", "0", "ago_s"]) == "12.5"
+    assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "in_flight"]) == "1"
+    assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "limit"]) is None  # no cap: not shown
+    assert 'aria-label="profile alpha 1 in flight (no cap of its own)"' in html
     cap = {"free": 2, "lanes": {}, "upstreams": {"a": dict(up, reserved={"batch": 0})}}
     assert 'class="reserved"' not in render_page(cap, hist)  # nothing booked: nothing shown
 

@@ -10,6 +10,7 @@ load (the README's image).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ import pytest
 from tests.integration.conftest import CHAT_PATH, guard_process
 from tests.support.browser import chromium_paths, headless_chromium, off_host, requested_urls, wait_for
 from tests.support.llamacpp import sim_server
-from tests.support.status_page import DOM_VALUES_JS, GUARD_CONFIG, Shown, mismatches, shown_at
+from tests.support.status_page import DOM_VALUES_JS, GUARD_CONFIG, Shown, mismatches, page_values, shown_at
 
 pytestmark = pytest.mark.skipif(chromium_paths() is None, reason="needs chromium + chromium-driver (./run-tests)")
 
@@ -138,6 +139,9 @@ def test_status_page_in_chromium_follows_load_and_outage(tmp_path: Path) -> None
             assert [f.result(timeout=90) for f in running] == [200] * 7
             wait_for(capacity_mismatches, lambda bad: bad == [], timeout=2.0, what="the page back to idle")
             assert shown_at(dom(driver), [*UP, "in_flight"]) == "0"
+            # the script draws the numbers the server renders (page.js and page.py in step)
+            served = {json.dumps(p) for p, _ in page_values(api.get(f"{guard}/guard/").text) if p[0] == "c"}
+            assert served == {json.dumps(p) for p, _ in dom(driver) if p[0] == "c"}
             hist = history()
             assert hist["tokens_per_minute"]["alpha"] > 0 and hist["upstreams"]["default"]["state"] == "up"
             wait_for(lambda: mismatches([s for s in dom(driver) if s[0][:2] == ["h", "tokens_per_minute"]], {},

@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   var CHART_W = 360, CHART_H = 100, CHART_MIN_SPAN = 300;
-  var cap = null, hist = null, pollTimer = null, shown = "";
+  var cap = null, hist = null, pollTimer = null, shown = "", sinceSeen = {};
 
   function esc(s) {
     return String(s).replace(/[&<>"']/g, function (c) {
@@ -46,18 +46,24 @@
       parts.join("") + "</svg>";
   }
 
+  // (state, its path, since as Unix seconds, detail, its path): the capacity view's state when it has one
+  // ("state_since_s" seconds ago, kept steady between updates), else the history's.
   function upstreamState(name, up, h) {
-    var given = up.state;
-    if (typeof given === "string") {
-      return [given, ["c", "upstreams", name, "state"], up.since, ["c", "upstreams", name, "since"]];
-    }
-    if (given && typeof given === "object" && typeof given.state === "string") {
-      var base = ["c", "upstreams", name, "state"];
-      return [given.state, base.concat(["state"]), given.since, base.concat(["since"])];
+    var p = ["c", "upstreams", name];
+    if (typeof up.state === "string") {
+      var since = null;
+      if (typeof up.state_since_s === "number") {
+        since = Date.now() / 1000 - up.state_since_s;
+        var seen = sinceSeen[name];
+        if (seen && seen.state === up.state && Math.abs(seen.at - since) < 3) since = seen.at;
+        else sinceSeen[name] = { state: up.state, at: since };
+      }
+      return [up.state, p.concat(["state"]), since, up.state_detail, p.concat(["state_detail"])];
     }
     var hu = ((h && h.upstreams) || {})[name];
-    if (!hu) return ["unknown", null, null, null];  // not sampled yet
-    return [hu.state, ["h", "upstreams", name, "state"], hu.since, null];
+    if (!hu) return ["unknown", null, null, null, null];  // not sampled yet
+    var hp = ["h", "upstreams", name];
+    return [hu.state, hp.concat(["state"]), hu.since, hu.detail, hp.concat(["detail"])];
   }
 
   function chart(name, points, now, windowS) {
@@ -122,9 +128,10 @@
     var out = ['<section class="upstream" data-upstream="' + esc(name) + '"><h2>' + esc(name) +
       ' <span class="state ' + esc(st[0]) + '"' + (st[1] ? ' data-k="' + k(st[1]) + '"' : "") + ">" +
       esc(st[0]) + "</span>" +
-      " <small>since " + utc(typeof st[2] === "number" ? st[2] : null) + "</small></h2>"];
-    if (hu.detail && st[3] === null) {
-      out.push('<p class="detail" data-k="' + k(["h", "upstreams", name, "detail"]) + '">' + esc(hu.detail) + "</p>");
+      " <small>since " + utc(st[2]) + "</small></h2>"];
+    if (st[3]) out.push('<p class="detail" data-k="' + k(st[4]) + '">' + esc(st[3]) + "</p>");
+    if (up.held !== null && up.held !== undefined) {  // the upstream is not up: requests wait in their lanes
+      out.push('<p class="held">held ' + num(p.concat(["held"]), up.held) + ": requests wait until it is back</p>");
     }
     out.push('<p class="summary">limit ' + num(p.concat(["limit"]), limit) +
       ' (<span data-k="' + k(p.concat(["limit_reason"])) + '">' + esc(fmt(up.limit_reason)) + "</span>)" +
