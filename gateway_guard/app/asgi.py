@@ -159,6 +159,12 @@ async def send_error(send: Send, error: GuardError, extra_headers: dict[str, str
     await send_json(send, error.status, None, {**error.headers(), **(extra_headers or {})}, body=error.body())
 
 
+def bearer_is(token: str, authorization: str | None) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def is_admin(token: str | None, headers: dict[str, str]) -> bool:
     """The admin token, as ``X-Guard-Admin-Token`` or ``Authorization: Bearer``; no token configured = no admin."""
     if not token:
