@@ -35,11 +35,13 @@ from gateway_guard.errors import (
     GuardError,
     NotFound,
     Outcome,
+    UpstreamError,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway_guard.telemetry import RequestRecord
 from gateway_guard.upstream.client import Upstream
-from gateway_guard.upstream.errors import UpstreamClosedEarly
+from gateway_guard.upstream.errors import UpstreamProtocolError
 from gateway_guard.upstream.probe import DOWN, LOADING, UP, Prober
 
 RETRY_PAUSE, RETRY_PAUSE_MAX = 0.05, 2.0
@@ -51,6 +53,13 @@ class UpstreamWentAway(UpstreamUnavailable):
     the request's work, so sending it again costs the GPU nothing twice."""
 
     code = "upstream_went_away"
+
+
+def _lost(exc: UpstreamError) -> bool:
+    """The connection closed or reset after the request was written -- before the answer's first byte
+    (``UpstreamClosedEarly``) or in the middle of an answer the client has not seen yet (a non-streamed request
+    asked as a stream and being assembled) -- rather than refused, timed out or answered wrongly."""
+    return not isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamProtocolError)
 
 
 async def _went_away(prober: Prober) -> bool:
@@ -136,8 +145,8 @@ class ProxyHandler:
                     record.outcome = Outcome.ADMITTED
                     try:
                         await forward(state.telemetry, scope, upstream, headers, body, send, record, t)
-                    except UpstreamClosedEarly as exc:  # closed before answering: a restart, or a broken server?
-                        if send.started or not await _went_away(prober):
+                    except UpstreamError as exc:  # the connection was lost: a restart, or a broken server?
+                        if not _lost(exc) or send.started or not await _went_away(prober):
                             raise
                         raise UpstreamWentAway(f"upstream {upstream.name!r} went away: {exc.message}") from exc
                 return
