@@ -121,9 +121,10 @@ async def refused(overrides: dict[str, Any], *, upstream_down: bool = False, fir
     settings_overrides = {"upstreams.default.max_inflight": 1, "lanes.batch.headroom": 0, **overrides}
     async with serve_in_process(sim()) as up:
         url = f"http://127.0.0.1:{free_port()}" if upstream_down else up
-        async with guard_in_process(guard_settings(url, **settings_overrides)) as (guard, _), httpx.AsyncClient(
-            timeout=30
-        ) as http:
+        async with (
+            guard_in_process(guard_settings(url, **settings_overrides)) as (guard, _),
+            httpx.AsyncClient(timeout=30) as http,
+        ):
             if upstream_down:
                 response = await http.post(f"{guard}{CHAT_PATH}", json=BODY, headers=WORKER)
             else:
