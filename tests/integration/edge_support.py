@@ -102,8 +102,11 @@ class Guard:
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    final_log: str | None = None  # the whole log, kept once the process has ended
 
     def log(self) -> str:
+        if self.final_log is not None:
+            return self.final_log
         return self.log_path.read_text(errors="replace")
 
     def rss_mb(self) -> float:
@@ -197,6 +200,7 @@ def edge_guard(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            guard.final_log = log_path.read_text(errors="replace")
 
 
 # -- raw HTTP/1.1 -------------------------------------------------------------------------------------------
