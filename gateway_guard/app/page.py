@@ -326,10 +326,11 @@ def render_upstream(name: str, up: Mapping[str, Any], hist: Mapping[str, Any]) -
             f' of {num([*p, "max_context_tokens"], up["max_context_tokens"])}</p>'
         )
     out.append(_reserved(p, up.get("reserved")))
-    moves = up.get("limit_history") or []
+    moves = up.get("limit_history") or []  # "seconds ago" shown as the time it happened
+    now = hist.get("now", 0.0)
     if moves:
         items = "".join(
-            f"<li>{num([*p, 'limit_history', str(i), 'ago_s'], m['ago_s'])} s ago: limit"
+            f"<li>{utc(round(now - m['ago_s']))}: limit"
             f" {num([*p, 'limit_history', str(i), 'limit'], m['limit'])}"
             f' (<span data-k="{_k([*p, "limit_history", str(i), "reason"])}">{escape(fmt(m["reason"]))}</span>)</li>'
             for i, m in enumerate(moves)

@@ -184,7 +184,8 @@ def test_state_held_and_reservations_from_the_capacity_view() -> None:
     assert shown_at(shown, ["h", "upstreams", "b", "detail"]) == "gone"
     assert '<span class="state unknown">unknown</span>' in html  # "c": no state anywhere yet
     assert shown_at(shown, ["c", "upstreams", "a", "reserved", "batch"]) == "1"
-    assert shown_at(shown, ["c", "upstreams", "a", "limit_history", "0", "ago_s"]) == "12.5"
+    assert shown_at(shown, ["c", "upstreams", "a", "limit_history", "0", "limit"]) == "3"
+    assert time.strftime("%H:%M:%S", time.gmtime(now - 12)) + " UTC</time>: limit" in html  # 12.5 s ago
     assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "in_flight"]) == "1"
     assert shown_at(shown, ["c", "upstreams", "b", "profiles", "alpha", "limit"]) is None  # no cap: not shown
     assert 'aria-label="profile alpha 1 in flight (no cap of its own)"' in html

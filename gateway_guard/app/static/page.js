@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   var CHART_W = 360, CHART_H = 100, CHART_MIN_SPAN = 300;
-  var cap = null, hist = null, pollTimer = null, shown = "", sinceSeen = {};
+  var cap = null, capAt = 0, hist = null, pollTimer = null, shown = "", sinceSeen = {};
 
   function esc(s) {
     return String(s).replace(/[&<>"']/g, function (c) {
@@ -53,7 +53,7 @@
     if (typeof up.state === "string") {
       var since = null;
       if (typeof up.state_since_s === "number") {
-        since = Date.now() / 1000 - up.state_since_s;
+        since = capAt - up.state_since_s;  // seconds ago when the view was received
         var seen = sinceSeen[name];
         if (seen && seen.state === up.state && Math.abs(seen.at - since) < 3) since = seen.at;
         else sinceSeen[name] = { state: up.state, at: since };
@@ -154,7 +154,7 @@
     if (moves.length) {
       out.push('<h3>limit moves</h3><ul class="moves">' + moves.map(function (m, i) {
         var mp = p.concat(["limit_history", String(i)]);
-        return "<li>" + num(mp.concat(["ago_s"]), m.ago_s) + " s ago: limit " + num(mp.concat(["limit"]), m.limit) +
+        return "<li>" + utc(Math.round(capAt - m.ago_s)) + ": limit " + num(mp.concat(["limit"]), m.limit) +
           ' (<span data-k="' + k(mp.concat(["reason"])) + '">' + esc(fmt(m.reason)) + "</span>)</li>";
       }).join("") + "</ul>");
     }
@@ -214,7 +214,7 @@
 
   function pollCapacity() {
     getJSON("capacity").then(function (c) {
-      cap = c; setMode("live \u00b7 polling", true); render();
+      cap = c; capAt = Date.now() / 1000; setMode("live \u00b7 polling", true); render();
     }).catch(function () { setMode("guard unreachable", false); });
   }
   function startPolling() {
@@ -229,7 +229,7 @@
     var es = new EventSource("events");
     es.addEventListener("open", function () { stopPolling(); setMode("live \u00b7 events", true); });
     es.addEventListener("capacity", function (e) {
-      try { cap = JSON.parse(e.data); } catch (err) { return; }
+      try { cap = JSON.parse(e.data); capAt = Date.now() / 1000; } catch (err) { return; }
       setMode("live \u00b7 events", true); render();
     });
     es.addEventListener("error", function () {
