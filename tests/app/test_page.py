@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from gateway_guard.app.history import History
-from gateway_guard.app.page import StatusPage, render_page
+from gateway_guard.app.page import StatusPage
+from gateway_guard.app.page_render import render_page
 from tests.app.conftest import guard_client, settings_for
 from tests.support.status_page import mismatches, page_values, shown_at
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from html.parser import HTMLParser
 from typing import Any
 
-from gateway_guard.app.page import fmt
+from gateway_guard.app.page_render import fmt
 
 # Run in the browser: [[path, text], ...] for every element that carries a JSON path.
 DOM_VALUES_JS = (

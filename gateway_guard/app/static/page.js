@@ -1,4 +1,4 @@
-// gateway_guard status page: draws the same markup as app/page.py from /guard/capacity and /guard/history.
+// gateway_guard status page: draws the same markup as app/page_render.py from /guard/capacity and /guard/history.
 // Live through /guard/events (SSE, "event: capacity") when it answers, else by polling /guard/capacity
 // once a second. No framework, no build step, nothing loaded from elsewhere.
 (function () {
