@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -277,6 +278,14 @@ def verdict(results: dict[tuple[str, bool], list[Figures]], names: list[str]) ->
             f"p99 {added99:.2f} ms (target <= 2: {'met' if added99 <= 2 else 'MISSED'}), "
             f"{rps:.0f} req/s (target >= 2000: {'met' if rps >= 2000 else 'MISSED'})"
         )
+        for base in [n for n in names if n.startswith("guard@")]:
+            then = results[(base, stream)]
+            base50 = median([b.p50_ms - d.p50_ms for b, d in zip(then, direct, strict=True)])
+            base_rps = median([b.rps for b in then])
+            lines.append(
+                f"{mode}: {base} added p50 {base50:.2f} ms, {base_rps:.0f} req/s -> this tree {added50:.2f} ms, "
+                f"{rps:.0f} req/s ({'no regression' if added50 <= base50 * 1.1 + 0.05 else 'REGRESSION'})"
+            )
         if "litellm" in names:
             lite = results[("litellm", stream)]
             lite50 = median([t.p50_ms - d.p50_ms for t, d in zip(lite, direct, strict=True)])
@@ -301,6 +310,11 @@ def main() -> int:
     parser.add_argument("--guard-log-level", default=None, help="the guard's --log-level (default: its own, info)")
     parser.add_argument("--litellm", default=None, help="path of the litellm executable")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure the guard of git revision REV (exported with git archive) in the same run: 'guard@REV'",
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()
     if min(args.rounds, args.concurrency, args.requests) < 1 or args.seconds <= 0:
@@ -335,6 +349,19 @@ def main() -> int:
         guard_cmd = pinned(guard_argv(guard_port, sim.url, args.cap, *guard_extra), proxy_cpu)
         stack.enter_context(process("guard", guard_cmd, f"http://{HOST}:{guard_port}", health="/guard/health"))
         targets = [Target("direct", sim_port), Target("guard", guard_port)]
+        if args.baseline:
+            base_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="guard-baseline-")))
+            export = subprocess.run(["git", "archive", args.baseline], cwd=REPO_ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(base_dir)], input=export.stdout, check=True)
+            base_port = free_port()
+            # -P: not the repo root (the cwd) first on sys.path, so the exported tree's package is the one imported
+            base_cmd = [sys.executable, "-P", "-c", "from gateway_guard.cli import main; main()"]
+            base_cmd += ["--upstream", sim.url, "--max-inflight", str(args.cap), "--port", str(base_port)]
+            url = f"http://{HOST}:{base_port}"
+            env = {"PYTHONPATH": str(base_dir)}
+            cmd = pinned([*base_cmd, *guard_extra], proxy_cpu)
+            stack.enter_context(process("baseline", cmd, url, health="/guard/health", env=env))
+            targets.append(Target(f"guard@{args.baseline}", base_port))
         if litellm is not None:
             t0 = time.monotonic()
             lite = stack.enter_context(litellm_proxy(litellm, sim.url, args.cap, proxy_cpu))

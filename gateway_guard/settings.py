@@ -45,6 +45,7 @@ PROBES = ("auto", "llamacpp", "vllm", "ollama", "off")
 ADAPTIVE_KEYS = ("floor", "ceiling")
 RATE_KEYS = ("requests_per_minute", "tokens_per_minute")
 REFUSAL_STATUSES = (429, 503)
+STATUS_PAGE_MODES = ("open", "token", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +103,7 @@ class ServerSettings:
     max_idle_connections: int = 64  # idle keep-alive connections kept; past it the oldest is closed
     body_budget_bytes: int = 256 * 1024 * 1024  # bodies held by the proxy at once (global); past it: 429
     metrics_token: str | None = field(default=None, repr=False)  # when set, GET /metrics needs it (Bearer)
+    status_page: str = "open"  # GET /guard/: "open" (like /guard/capacity), "token" (admin token) or "off"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,7 +348,12 @@ def _parse_server(t: _Table, env: Mapping[str, str]) -> ServerSettings:
         max_idle_connections=t.positive_int("max_idle_connections", d.max_idle_connections, minimum=0) or 0,
         body_budget_bytes=t.positive_int("body_budget_bytes", d.body_budget_bytes) or d.body_budget_bytes,
         metrics_token=t.get("metrics_token", str, None) or env.get("GUARD_METRICS_TOKEN") or None,
+        status_page=t.get("status_page", str, d.status_page),
     )
+    if server.status_page not in STATUS_PAGE_MODES:
+        raise ConfigError(t.key("status_page"), 'must be "open", "token" or "off"', server.status_page)
+    if server.status_page == "token" and not server.admin_token:
+        raise ConfigError(t.key("status_page"), '"token" needs server.admin_token (or GUARD_ADMIN_TOKEN)')
     if server.body_budget_bytes < server.max_body_bytes:
         raise ConfigError(
             t.key("body_budget_bytes"), f"must be >= server.max_body_bytes ({server.max_body_bytes})",

@@ -29,6 +29,9 @@ def test_defaults_suit_hermes_workers() -> None:
         ({**BASE, "lanes": {"batch": {"queue_timeout": -1}}}, "lanes.batch.queue_timeout"),
         ({**BASE, "server": {"port": "eighty"}}, "server.port"),
         ({**BASE, "server": {"default_lane": "bulk"}}, "server.default_lane"),
+        ({**BASE, "server": {"status_page": "public"}}, "server.status_page"),
+        ({**BASE, "server": {"status_page": "token"}}, "server.status_page"),  # no admin token to ask for
+        ({**BASE, "lanes": {"batch": {"refusal_status": 500}}}, "lanes.batch.refusal_status"),
         ({**BASE, "profiles": {"w": {"lane": "bulk"}}}, "profiles.w.lane"),
         ({**BASE, "profiles": {"w": {"upstream": "cpu"}}}, "profiles.w.upstream"),
         ({**BASE, "keys": {"w": 5}}, "keys.w"),

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway_guard.app import endpoints, events
-from gateway_guard.app.page import STATUS_PAGE_DEFAULT, StatusPage
+from gateway_guard.app.page import StatusPage
 from gateway_guard.app.proxy import ProxyHandler
 from gateway_guard.app.reload import Reloader, reload_endpoint
 from gateway_guard.app.state import GuardState
@@ -30,8 +30,7 @@ def build_app(
     state = GuardState.build(settings, transport=transport)
     proxy = ProxyHandler(state)
     event_routes, reservations, hub = events.mount(state)
-    # TODO(lead): settings key server.status_page = "open" | "token" | "off"
-    status_page = StatusPage.for_state(state, access=getattr(settings.server, "status_page", STATUS_PAGE_DEFAULT))
+    status_page = StatusPage.for_state(state, access=settings.server.status_page)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
