@@ -9,7 +9,8 @@ connections before ``limit_concurrency`` answers 503 *after* reading the headers
 - body not complete ``body_timeout`` after the headers (slow body, unfinished chunked body): **408**, closed;
 - a body over ``max_body_bytes`` (declared or counted; ``GUARD_BODY_BYTES`` for the guard's own endpoints):
   **413**, closed;
-- over ``max_connections`` open: the oldest idle connection is closed, else **503**; over
+- over ``max_connections`` open: the oldest silent one (connected, no byte sent) is closed, else the oldest
+  idle keep-alive one, else **503**; over
   ``max_idle_connections`` idle keep-alive connections: the oldest is closed; an idle one is closed after
   ``keep_alive_timeout``.
 
@@ -68,11 +69,12 @@ class _Idle:
     """One server's connections that hold no request, oldest first (dicts keep insertion order): ``waiting``
     between requests (kept alive, at most ``max_idle_connections``), ``fresh`` ones that have sent nothing."""
 
-    __slots__ = ("fresh", "waiting")
+    __slots__ = ("closing", "fresh", "waiting")
 
     def __init__(self) -> None:
         self.waiting: dict[EdgeProtocol, None] = {}
         self.fresh: dict[EdgeProtocol, None] = {}
+        self.closing = 0  # connections the guard has closed that have not yet been reported lost
 
     def discard(self, conn: EdgeProtocol) -> None:
         self.waiting.pop(conn, None)
@@ -84,7 +86,8 @@ class _Idle:
             _close_oldest(self.waiting, "more idle keep-alive connections than server.max_idle_connections")
 
     def close_oldest(self, reason: str) -> bool:
-        return _close_oldest(self.waiting, reason) or _close_oldest(self.fresh, reason)
+        """The oldest connection that never sent a byte (likely hostile), else the oldest kept-alive one."""
+        return _close_oldest(self.fresh, reason) or _close_oldest(self.waiting, reason)
 
 
 def _close_oldest(conns: dict[EdgeProtocol, None], reason: str) -> bool:
@@ -109,6 +112,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._body_limit = self.limits.max_body_bytes
         self._body_size = 0
         self._app_owns = False  # whether self.cycle is the current request's (else a previous one's, or None)
+        self._closing = False  # closed by the guard, not yet lost
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
 
@@ -116,8 +120,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        open_now = sum(1 for c in self.connections if not c.transport.is_closing())
-        if open_now > self.limits.max_connections and not self.idle.close_oldest(
+        if len(self.connections) - self.idle.closing > self.limits.max_connections and not self.idle.close_oldest(
             "over server.max_connections: the oldest idle connection is closed"
         ):
             self._refuse(503, "over server.max_connections", "too many connections to the guard; retry shortly")
@@ -126,14 +129,16 @@ class EdgeProtocol(HttpToolsProtocol):
         self.idle.fresh[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._closing:
+            self.idle.closing -= 1
+            self._closing = False
         self.idle.discard(self)
         self._cancel_timers()
         super().connection_lost(exc)
 
     def drop(self, reason: str) -> None:
         log.debug("closed an idle connection from %s: %s", self._peer(), reason)  # routine: not a warning
-        self._cancel_timers()
-        self.transport.close()
+        self._close()
 
     def on_response_complete(self) -> None:
         busy = bool(self.pipeline) or self._in_head  # another request is queued or has begun
@@ -265,6 +270,13 @@ class EdgeProtocol(HttpToolsProtocol):
         if cycle is not None:
             cycle.disconnected = True  # the app's receive() now says http.disconnect; its sends are dropped
             cycle.message_event.set()
+        self._close()
+
+    def _close(self) -> None:
+        self._cancel_timers()
+        if not self._closing:
+            self._closing = True
+            self.idle.closing += 1
         self.transport.close()
 
     def _peer(self) -> str:
