@@ -209,3 +209,13 @@ async def test_reservations_need_the_admin_token() -> None:
         assert (await client.get("/guard/reservations")).status_code == 403
         assert (await client.delete("/guard/reservations/r1")).status_code == 403
     await app.state.guard.aclose()
+
+
+async def test_closing_the_hub_ends_open_streams() -> None:
+    """What the guard does on SIGTERM, so that uvicorn need not wait for the streams to end."""
+    async with guard() as (url, _, hub, _), httpx.AsyncClient(timeout=10) as client, events(client, url) as stream:
+        await stream.next()
+        hub.close()
+        async with asyncio.timeout(5):
+            with pytest.raises(EOFError):
+                await stream.next()
