@@ -297,3 +297,27 @@ def test_sigterm_stops_at_once_and_leaves_no_orphan_and_no_lock(
     board.release_all()
     board.wait_done(*[str(t) for t, _ in running])
     assert board.counts().get("ready") == len(ids) - 2  # nothing started after the stop
+
+
+def test_a_board_schema_it_does_not_know_is_read_through_the_cli(
+    board: HermesBoard, capacity_server: CapacityServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway_guard.dispatch import cli
+    from gateway_guard.dispatch.board import SchemaUnknown
+
+    def unknown(db: Path) -> None:
+        raise SchemaUnknown(f"{db}: table tasks lacks worker_pid (test)")
+
+    monkeypatch.setattr(cli, "BoardReader", unknown)
+    capacity_server.report_free(3)
+    ids = board.create(["worker1", "worker2"])
+    bg = Background(board, capacity_server.url, target=1)
+    try:
+        wait("one card started", lambda: len(board.running()) == 1, board=board)
+        board.release_all()
+        board.wait_done(*ids)
+    finally:
+        bg.stop()
+    start = bg.lines("start")[0]
+    assert start["board_read"] == "cli" and "lacks worker_pid" in start["board_read_error"]
+    assert sum(int(d["spawned"]) for d in bg.lines("dispatch")) == 2
