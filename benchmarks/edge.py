@@ -52,7 +52,9 @@ def sim_requests(url: str) -> int:
     raise RuntimeError("sim:requests_total not found")
 
 
-async def normal_client(port: int, seconds: float) -> list[float]:
+async def normal_client(port: int, seconds: float, retries: list[int]) -> list[float]:
+    """Requests back to back; one that fails (a closed connection, a 503 at max_connections) is sent again on
+    a new connection and counted in ``retries``, its latency including the retry."""
     client = RawClient(HOST, port)
     request = raw_post(HOST, port, "/v1/chat/completions", CHAT, {"x-guard-lane": "interactive"})
     latencies: list[float] = []
@@ -60,12 +62,18 @@ async def normal_client(port: int, seconds: float) -> list[float]:
     try:
         while time.monotonic() < end:
             t0 = time.perf_counter()
-            try:
-                status, _ = await client.call(request)
-            except HttpError:  # a closed keep-alive connection: reconnect and count it as slow
-                status, _ = await client.call(request)
-            if status != 200:
-                raise RuntimeError(f"normal request answered {status}")
+            for attempt in range(20):
+                try:
+                    status, _ = await client.call(request)
+                except HttpError:
+                    status = 0
+                if status == 200:
+                    break
+                retries.append(status)
+                await client.close()
+                await asyncio.sleep(0.05 * attempt)
+            else:
+                raise RuntimeError(f"a normal request failed 20 times (last status {status})")
             latencies.append(time.perf_counter() - t0)
     finally:
         await client.close()
@@ -143,12 +151,15 @@ async def scraper(url: str, stop: asyncio.Event) -> int:
 
 
 async def sample_rss(pid: int, stop: asyncio.Event, peaks: list[float]) -> None:
-    while not stop.is_set():
-        peaks.append(rss_mb(pid))
-        await asyncio.sleep(0.1)
+    with contextlib.suppress(OSError):
+        while not stop.is_set():
+            peaks.append(rss_mb(pid))
+            await asyncio.sleep(0.1)
 
 
-async def attacked(args: argparse.Namespace, port: int, url: str, pid: int) -> tuple[list[float], float, int]:
+async def attacked(
+    args: argparse.Namespace, port: int, url: str, pid: int, retries: list[int]
+) -> tuple[list[float], float, int]:
     stop = asyncio.Event()
     peaks: list[float] = []
     tasks = [asyncio.create_task(header_flooder(port, stop)) for _ in range(args.flooders)]
@@ -157,7 +168,7 @@ async def attacked(args: argparse.Namespace, port: int, url: str, pid: int) -> t
     scrapers = [asyncio.create_task(scraper(url, stop)) for _ in range(args.scrapers)]
     tasks.append(asyncio.create_task(sample_rss(pid, stop, peaks)))
     await asyncio.sleep(2)  # let the attack build up
-    latencies = await normal_client(port, args.seconds)
+    latencies = await normal_client(port, args.seconds, retries)
     stop.set()
     scraped = sum(await asyncio.gather(*scrapers))
     async with asyncio.timeout(30):
@@ -179,12 +190,14 @@ async def main_async(args: argparse.Namespace) -> None:
         process("guard", guard_argv(guard_port, sim_url, 4), guard_url, health="/guard/health") as guard,
     ):
         pid = guard.popen.pid
-        await normal_client(guard_port, 1.0)  # warm-up
+        idle_retries: list[int] = []
+        retries: list[int] = []
+        await normal_client(guard_port, 1.0, idle_retries)  # warm-up
         before_idle = sim_requests(sim_url)
-        idle = await normal_client(guard_port, args.seconds)
+        idle = await normal_client(guard_port, args.seconds, idle_retries)
         idle_rss = rss_mb(pid)
         before_attack = sim_requests(sim_url)
-        under, peak, scraped = await attacked(args, guard_port, guard_url, pid)
+        under, peak, scraped = await attacked(args, guard_port, guard_url, pid, retries)
         after_attack = sim_requests(sim_url)
         after_rss = rss_mb(pid)
         log = guard.log_tail(200_000)
@@ -204,6 +217,10 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     ratio = percentile(under, 50) / percentile(idle, 50)
     print(f"p50 attacked / idle: {ratio:.2f}x;  /metrics scrapes answered: {scraped}")
+    print(
+        f"normal requests sent again: idle {len(idle_retries)}, attacked {len(retries)} "
+        f"(statuses {sorted(set(retries))}, 0 = connection closed)"
+    )
     print(
         f"upstream requests beyond the normal client's during the attack: {extra} (idle phase: "
         f"{before_attack - before_idle - len(idle)})"

@@ -9,8 +9,8 @@ connections before ``limit_concurrency`` answers 503 *after* reading the headers
 - body not complete ``body_timeout`` after the headers (slow body, unfinished chunked body): **408**, closed;
 - a body over ``max_body_bytes`` (declared or counted; ``GUARD_BODY_BYTES`` for the guard's own endpoints):
   **413**, closed;
-- over ``max_connections`` open: the oldest silent one (connected, no byte sent) is closed, else the oldest
-  idle keep-alive one, else **503**; over
+- over ``max_connections`` open: the oldest silent one (connected ``FRESH_GRACE`` ago, no byte sent) is
+  closed, else the oldest idle keep-alive one, else **503**; over
   ``max_idle_connections`` idle keep-alive connections: the oldest is closed; an idle one is closed after
   ``keep_alive_timeout``.
 
@@ -34,6 +34,7 @@ from gateway_guard.telemetry.access_log import escape
 
 log = logging.getLogger("gateway_guard.edge")
 
+FRESH_GRACE = 1.0  # seconds a new connection may stay silent before it can be closed to make room
 GUARD_BODY_BYTES = 64 * 1024  # bodies of /guard/* and anything not proxied: small JSON at most
 PROXIED = (b"/v1/", b"/api/", b"/p/")
 
@@ -73,7 +74,7 @@ class _Idle:
 
     def __init__(self) -> None:
         self.waiting: dict[EdgeProtocol, None] = {}
-        self.fresh: dict[EdgeProtocol, None] = {}
+        self.fresh: dict[EdgeProtocol, float] = {}  # -> when it connected (loop time)
         self.closing = 0  # connections the guard has closed that have not yet been reported lost
 
     def discard(self, conn: EdgeProtocol) -> None:
@@ -83,20 +84,25 @@ class _Idle:
     def add_waiting(self, conn: EdgeProtocol, limit: int) -> None:
         self.waiting[conn] = None
         while len(self.waiting) > limit:
-            _close_oldest(self.waiting, "more idle keep-alive connections than server.max_idle_connections")
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.drop("more idle keep-alive connections than server.max_idle_connections")
 
-    def close_oldest(self, reason: str) -> bool:
-        """The oldest connection that never sent a byte (likely hostile), else the oldest kept-alive one."""
-        return _close_oldest(self.fresh, reason) or _close_oldest(self.waiting, reason)
-
-
-def _close_oldest(conns: dict[EdgeProtocol, None], reason: str) -> bool:
-    if not conns:
+    def close_oldest(self, now: float, reason: str) -> bool:
+        """The oldest connection that has been silent for ``FRESH_GRACE`` (likely hostile: a real client sends
+        its request at once), else the oldest kept-alive one; False if there is none."""
+        if self.fresh:
+            oldest, since = next(iter(self.fresh.items()))
+            if now - since >= FRESH_GRACE:
+                del self.fresh[oldest]
+                oldest.drop(reason)
+                return True
+        if self.waiting:
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.drop(reason)
+            return True
         return False
-    oldest = next(iter(conns))
-    del conns[oldest]
-    oldest.drop(reason)
-    return True
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -120,13 +126,14 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        now = self.loop.time()
         if len(self.connections) - self.idle.closing > self.limits.max_connections and not self.idle.close_oldest(
-            "over server.max_connections: the oldest idle connection is closed"
+            now, "over server.max_connections: the oldest idle connection is closed"
         ):
             self._refuse(503, "over server.max_connections", "too many connections to the guard; retry shortly")
             return
         self._arm_head_timer()
-        self.idle.fresh[self] = None
+        self.idle.fresh[self] = now
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closing:

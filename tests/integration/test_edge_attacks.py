@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from gateway_guard.app.edge import FRESH_GRACE
 from tests.integration.edge_support import (
     GUARD_BIN,
     Guard,
@@ -200,12 +201,15 @@ async def test_connections_past_the_limits_close_the_oldest_idle_first() -> None
                     assert (await read_answer(reader)).status == 200
                 closed = [await _closed_soon(r) for r, _ in kept]
                 assert closed == [True] * 4 + [False] * 4
-            # 60 silent sockets: the oldest are closed to make room, a real client is still served
+            # 60 silent sockets: past 20 the newcomers get 503 while the silent ones are young; once they have
+            # been silent for the grace second, the oldest is closed to make room and a real client is served
             async with connections(guard.port, 60) as silent:
+                first_answers = await asyncio.gather(*(read_answer(r, timeout=5) for r, _ in silent[20:]))
+                assert {a.status for a in first_answers} == {503}
+                await asyncio.sleep(FRESH_GRACE + 0.2)  # the rule is about elapsed time: let the grace pass
                 answer = await raw_exchange(guard.port, request("GET", "/guard/health"))
                 assert answer.status == 200
-                open_now = [not await _closed_soon(r) for r, _ in silent]
-                assert sum(open_now) <= 20
+                assert "503 from 127.0.0.1" in guard.log()
             assert up.requests == []
 
 
