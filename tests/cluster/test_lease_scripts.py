@@ -85,64 +85,86 @@ class LeaseMachine(RuleBasedStateMachine):
 
     # -- rules ----------------------------------------------------------------------------------------------
 
+    def _expect(self, replica: str, lane: str, profile: str, waited: int) -> set[int]:
+        priority, lane_cap = LANES[lane]
+        mine = priority - waited / AGING_MS
+        profile_cap = PROFILE_CAPS[profile]
+        if self.quiet:
+            return {scripts.QUIET}
+        if self._in_redis() >= CAP:
+            return {scripts.FULL}
+        if self._in_redis("lane", lane) >= lane_cap:
+            return {scripts.LANE_FULL}
+        if profile_cap is not None and self._in_redis("profile", profile) >= profile_cap:
+            return {scripts.PROFILE_FULL}
+        ranks = [
+            rank
+            for other, (rank, olane) in self.demand.items()
+            if other != replica and self._in_redis("lane", olane) < LANES[olane][1]
+        ]
+        if any(rank < mine - TIE for rank in ranks):
+            return {scripts.YIELD}
+        if any(abs(rank - mine) <= TIE for rank in ranks):
+            return {scripts.YIELD, scripts.OK}  # same rank: the older publication wins, by ms
+        return {scripts.OK}
+
     @precondition(lambda self: self.alive)
     @rule(
         data=st.data(),
-        lane=st.sampled_from(sorted(LANES)),
-        profile=st.sampled_from(sorted(PROFILE_CAPS)),
-        waited=st.sampled_from(WAITS),
+        asks=st.lists(
+            st.tuples(st.sampled_from(sorted(LANES)), st.sampled_from(sorted(PROFILE_CAPS)), st.sampled_from(WAITS)),
+            min_size=1,
+            max_size=3,
+        ),
         publish=st.booleans(),
+        releases=st.integers(0, 2),
     )
-    def acquire(self, data: st.DataObject, lane: str, profile: str, waited: int, publish: bool) -> None:
+    def sync(self, data: st.DataObject, asks: list[tuple[str, str, int]], publish: bool, releases: int) -> None:
+        """Some of a replica's leases given back, then up to three asks, in one call (rank order is the caller's)."""
         replica = data.draw(st.sampled_from(sorted(self.alive)))
         store = self.stores[replica]
-        member = store.member(str(next(self.ids)))
-        priority, lane_cap = LANES[lane]
-        ask = Ask(
-            lease=Lease(member, lane, profile),
-            cap=CAP,
-            lane_cap=lane_cap,
-            profile_cap=PROFILE_CAPS[profile],
-            priority=priority,
-            waited_ms=waited,
-            aging_ms=AGING_MS,
-            demand_ttl_ms=LEASE_MS if publish else 0,
-        )
-        view = self.run(store.acquire(ask))
+        mine_held = sorted(k for k, m in self.leases.items() if m.replica == replica)
+        give_back = mine_held[:releases]
+        was_there = sum(self.leases[k].in_redis for k in give_back)
+        back = [Lease(k, self.leases[k].lane, self.leases[k].profile) for k in give_back]
+        for k in give_back:
+            del self.leases[k]
+        plan = []
+        for lane, profile, waited in asks:
+            priority, lane_cap = LANES[lane]
+            lease = Lease(store.member(str(next(self.ids))), lane, profile)
+            plan.append(
+                Ask(
+                    lease=lease,
+                    cap=CAP,
+                    lane_cap=lane_cap,
+                    profile_cap=PROFILE_CAPS[profile],
+                    priority=priority,
+                    waited_ms=waited,
+                    aging_ms=AGING_MS,
+                )
+            )
+        synced = self.run(store.sync(back, plan, cap=CAP, aging_ms=AGING_MS, demand_ttl_ms=LEASE_MS if publish else 0))
+        assert synced.released == was_there
         self._boot()
-        mine = priority - waited / AGING_MS
-        profile_cap = PROFILE_CAPS[profile]
-        allowed: set[int]
-        if self.quiet:
-            allowed = {scripts.QUIET}
-        elif self._in_redis() >= CAP:
-            allowed = {scripts.FULL}
-        elif self._in_redis("lane", lane) >= lane_cap:
-            allowed = {scripts.LANE_FULL}
-        elif profile_cap is not None and self._in_redis("profile", profile) >= profile_cap:
-            allowed = {scripts.PROFILE_FULL}
+        assert 1 <= len(synced.codes) <= len(plan)
+        for ask, code in zip(plan, synced.codes, strict=False):
+            lease = ask.lease
+            allowed = self._expect(replica, lease.lane, lease.profile, ask.waited_ms)
+            assert code in allowed, (code, allowed)
+            if code == scripts.OK:
+                assert self._in_redis() < CAP  # the cap, as Redis saw it, had room
+                self.leases[lease.member] = ModelLease(replica, lease.lane, lease.profile)
+            if code in (scripts.FULL, scripts.YIELD, scripts.QUIET):
+                if publish:
+                    self.demand[replica] = (ask.priority - ask.waited_ms / AGING_MS, lease.lane)
+                assert synced.codes[-1] == code  # it ended the call
+                break
         else:
-            ranks = [
-                rank
-                for other, (rank, olane) in self.demand.items()
-                if other != replica and self._in_redis("lane", olane) < LANES[olane][1]
-            ]
-            if any(rank < mine - TIE for rank in ranks):
-                allowed = {scripts.YIELD}
-            elif any(abs(rank - mine) <= TIE for rank in ranks):
-                allowed = {scripts.YIELD, scripts.OK}  # same rank: the older publication wins, by ms
-            else:
-                allowed = {scripts.OK}
-        assert view.code in allowed, (view, allowed)
-        if view.code == scripts.OK:
-            assert self._in_redis() < CAP  # the cap, as Redis saw it, had room
-            self.leases[member] = ModelLease(replica, lane, profile)
-            self.demand.pop(replica, None)
-        elif publish and view.code in (scripts.FULL, scripts.YIELD, scripts.QUIET):
-            self.demand[replica] = (mine, lane)
-        elif publish:  # refused by its lane's or profile's cap: it is no demand
-            self.demand.pop(replica, None)
-        assert view.total == self._in_redis()
+            assert len(synced.codes) == len(plan)
+            if publish:
+                self.demand.pop(replica, None)  # nobody left that a slot would serve: no demand
+        assert synced.view.total == self._in_redis()
 
     @precondition(lambda self: any(m.replica in self.alive for m in self.leases.values()))
     @rule(data=st.data())

@@ -21,7 +21,6 @@ and starts a quiet period of one lease so that the others do the same before any
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -33,7 +32,7 @@ from redis.exceptions import RedisError
 
 from gateway_guard.admission.budget import TokenBudget
 from gateway_guard.admission.cluster import scripts
-from gateway_guard.admission.cluster.link import FALLBACK, GONE, QUIET, SHARED, ClusterStatus, Link
+from gateway_guard.admission.cluster.link import FALLBACK, GONE, QUIET, SHARED, ClusterStatus, Link, wait_for_event
 from gateway_guard.admission.cluster.share import ShareLimit
 from gateway_guard.admission.cluster.store import Ask, Lease, LeaseStore
 from gateway_guard.admission.gate import Gate, GateSnapshot, Permit, SlotView
@@ -45,6 +44,8 @@ from gateway_guard.upstream.saturation import Saturation
 log = logging.getLogger("gateway_guard.cluster")
 
 __all__ = ["FALLBACK", "SHARED", "ClusterGate", "ClusterStatus"]
+
+BATCH = 16  # waiters asked for in one round trip
 
 
 class _Want:
@@ -92,6 +93,7 @@ class ClusterGate:
         self._demand_ttl_ms = max(1000, round(self._poll * 8000))
         self._wants: list[_Want] = []
         self._held: dict[str, Lease] = {}
+        self._releasing: list[Lease] = []  # given back, to be sent with the next round trip
         self._ids = itertools.count()
         self._demand = False  # this replica may have a demand published
         self._listeners: list[Callable[[], None]] = []
@@ -145,16 +147,29 @@ class ClusterGate:
 
         return unwatch
 
+    def hold(self, reason: str) -> None:
+        """The upstream is down: the local line grants nothing, so no lease is asked for (see Gate.hold)."""
+        self._local.hold(reason)
+
+    def resume(self) -> None:
+        self._local.resume()
+
     async def acquire(
-        self, lane: str, profile: str, *, max_wait: float | None = None, prompt_tokens: int = 0
+        self,
+        lane: str,
+        profile: str,
+        *,
+        max_wait: float | None = None,
+        prompt_tokens: int = 0,
+        since: float | None = None,
     ) -> Permit:
         timeout = self._local.queue_timeout(lane)  # UnknownLane for a lane that does not exist
         policy = self._local.lane_policy(lane)
         wait = timeout if max_wait is None else max_wait
         loop = asyncio.get_running_loop()
         self.start()
-        started = loop.time()
-        inner = await self._local.acquire(lane, profile, max_wait=max_wait, prompt_tokens=prompt_tokens)
+        started = loop.time() if since is None else since
+        inner = await self._local.acquire(lane, profile, max_wait=max_wait, prompt_tokens=prompt_tokens, since=since)
         try:
             lease = await self._lease(policy, profile, started, started + wait)
         except BaseException:
@@ -202,11 +217,12 @@ class ClusterGate:
             limit,
             in_flight,
             queued,
-            max(0, open_slots - queued),
+            0 if local.held else max(0, open_slots - queued),
             lanes,
             profiles,
             tokens_in_flight=local.tokens_in_flight,
             max_context_tokens=local.max_context_tokens,
+            held=local.held,
         )
 
     def reconfigure(
@@ -234,10 +250,17 @@ class ClusterGate:
             self._spawn(work)
 
     async def aclose(self) -> None:
+        """Stop the background work. The loops also check ``closed``: a client library may turn a cancellation
+        that meets its own timeout into an error, and a loop that caught it would otherwise go on."""
+        self._link.closed = True
         tasks, self._tasks = list(self._tasks), set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(20):  # bounded: each round cancels what is left and gives it half a second
+            pending = [task for task in tasks if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.5)
         self._loop = None
 
     # -- step 2: leases -----------------------------------------------------------------------------------------
@@ -276,71 +299,63 @@ class ClusterGate:
         return sorted((w for w in self._wants if not w.future.done()), key=lambda w: self._rank(w, now))
 
     async def _pump(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self._poll * random.uniform(0.5, 1.5) if self._wants else None):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+        while not self._link.closed:
+            await wait_for_event(self._wake, self._poll * random.uniform(0.5, 1.5) if self._wants else None)
             self._wake.clear()
             try:
                 if self._link.mode == FALLBACK:
                     self._grant_in_fallback()
                 else:
-                    await self._ask()
+                    await self._sync()
             except Exception:  # the pump must outlive anything: a request waits on it
                 log.exception("upstream %s: the shared gate's pump failed; retrying", self.name)
 
-    async def _ask(self) -> None:
+    async def _sync(self) -> None:
+        """One round trip: the leases given back since the last one, then the best-ranked waiters (up to BATCH)."""
         assert self._loop is not None
-        pending = self._pending()
-        if not pending:
+        releases, self._releasing = self._releasing, []
+        pending = self._pending()[:BATCH]
+        if not pending and not releases:
             if self._demand:
                 self._demand = False
                 await self._store.clear_demand()
             return
-        skip_lanes: set[str] = set()
-        skip_profiles: set[str] = set()
-        for want in pending:
-            if want.lane.name in skip_lanes or want.profile in skip_profiles or want.future.done():
-                continue
-            lease = Lease(self._store.member(str(next(self._ids))), want.lane.name, want.profile)
-            cap = self._cap.limit
-            ask = Ask(
-                lease=lease,
+        cap, now = self._cap.limit, self._loop.time()
+        asks = [
+            Ask(
+                lease=Lease(self._store.member(str(next(self._ids))), want.lane.name, want.profile),
                 cap=cap,
                 lane_cap=max(1, cap - want.lane.headroom),
                 profile_cap=self._profiles.get(want.profile, self._default_profile).max_inflight,
                 priority=want.lane.priority,
-                waited_ms=round((self._loop.time() - want.enqueued_at) * 1000),
+                waited_ms=round((now - want.enqueued_at) * 1000),
                 aging_ms=round(self._aging * 1000),
-                demand_ttl_ms=self._demand_ttl_ms,
             )
-            try:
-                view = await self._store.acquire(ask)
-            except RedisError as exc:
-                self._link.fall_back(f"{GONE}: {exc}")
-                return
-            if view.code == scripts.QUIET:
-                self._demand = True
-                self._link.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
-                self._link.observe(view)
-                return
-            self._link.observe(view)
-            if view.code == scripts.OK:
-                self._held[lease.member] = lease
-                if want.future.done():  # timed out or cancelled while we asked
-                    self._give_back(lease)
-                else:
-                    want.future.set_result(lease)
-            elif view.code == scripts.LANE_FULL:
-                skip_lanes.add(want.lane.name)
-            elif view.code == scripts.PROFILE_FULL:
-                skip_profiles.add(want.profile)
-            else:  # FULL, or YIELD to a better request elsewhere: this one is our demand now
-                self._demand = True
-                return
-        self._demand = False  # none left that could use a slot: the scripts withdrew our demand
+            for want in pending
+        ]
+        try:
+            synced = await self._store.sync(
+                releases, asks, cap=cap, aging_ms=round(self._aging * 1000), demand_ttl_ms=self._demand_ttl_ms
+            )
+        except RedisError as exc:
+            self._releasing = releases + self._releasing  # sent again when Redis is back (else they expire)
+            self._link.fall_back(f"{GONE}: {exc}")
+            return
+        if synced.codes and synced.codes[-1] == scripts.QUIET:
+            self._link.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
+        self._link.observe(synced.view)
+        for want, ask, code in zip(pending, asks, synced.codes, strict=False):
+            if code != scripts.OK:
+                continue
+            self._held[ask.lease.member] = ask.lease
+            if want.future.done():  # timed out or cancelled while we asked
+                self._give_back(ask.lease)
+            else:
+                want.future.set_result(ask.lease)
+        # FULL, YIELD or QUIET ended the call: its request is our demand now; else nobody's left to wait
+        self._demand = bool(synced.codes) and synced.codes[-1] in (scripts.FULL, scripts.YIELD, scripts.QUIET)
+        if len(pending) == BATCH and not self._demand:
+            self._kick()  # there may be more behind the batch
 
     def _grant_in_fallback(self) -> None:
         allowance = self._share.allowance or 0
@@ -361,15 +376,11 @@ class ClusterGate:
         self._give_back(lease)
 
     def _give_back(self, lease: Lease) -> None:
+        """The lease goes back with the pump's next round trip (with the next grants); if Redis is gone by then
+        it expires within one lease: the keeper no longer renews it."""
         if self._held.pop(lease.member, None) is None:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            self._spawn(self._release_lease(lease))
-        self._kick()
-
-    async def _release_lease(self, lease: Lease) -> None:
-        with contextlib.suppress(RedisError):  # else it expires within one lease: the keeper no longer renews it
-            await self._store.release(lease)
+        self._releasing.append(lease)
         self._kick()
 
     # -- helpers --------------------------------------------------------------------------------------------------

@@ -47,6 +47,17 @@ class ClusterStatus:
         return self.mode == SHARED
 
 
+async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Until ``event`` is set or ``timeout`` passes. Not ``asyncio.timeout``: on 3.11 a cancel arriving as its
+    deadline fires can be taken for the timeout and lost, and a loop that must stop would not."""
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, event.set)
+    try:
+        await event.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
 class Link:
     def __init__(
         self,
@@ -68,6 +79,7 @@ class Link:
         self.recovering = False
         self.renew_now = asyncio.Event()
         self._renew_every = store.lease_ms / 3000
+        self.closed = False
 
     @property
     def status(self) -> ClusterStatus:
@@ -78,13 +90,9 @@ class Link:
         )  # fmt: skip
 
     async def keep(self) -> None:
-        while True:
+        while not self.closed:
             every = self._renew_every if self.mode == SHARED else min(self._renew_every, RETRY_SECONDS)
-            try:
-                async with asyncio.timeout(every * random.uniform(0.8, 1.0)):
-                    await self.renew_now.wait()
-            except TimeoutError:
-                pass
+            await wait_for_event(self.renew_now, every * random.uniform(0.8, 1.0))
             self.renew_now.clear()
             await self.renew()
 
@@ -139,11 +147,11 @@ class Link:
         self.seen = seen
 
     async def listen(self) -> None:
-        while True:
+        while not self.closed:
             pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.store.channel)
-                while True:
+                while not self.closed:
                     if await pubsub.get_message(timeout=1.0) is not None:
                         self._kick()
             except (RedisError, OSError):

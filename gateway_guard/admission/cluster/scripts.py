@@ -69,66 +69,87 @@ local function view(code)
 end
 """
 
-# ARGV: prefix, replica, member, lane, profile, cap, lane_cap, profile_cap (-1: none), lease_ms,
-#       priority, waited_ms, aging_ms, demand_ttl_ms (0: publish no demand when refused)
-# -> {code, leases in total, replica, count, replica, count, ...}
-ACQUIRE = (
+# One round trip for what a replica has to say: the leases it gives back, then its waiting requests in rank order.
+# ARGV: prefix, replica, channel, cap, lease_ms, aging_ms, demand_ttl_ms (0: publish no demand), n (releases),
+#       n members to release, then per ask 7 values: member, lane, profile, lane_cap, profile_cap (-1: none),
+#       priority, waited_ms.
+# Each ask in turn: OK, or LANE_FULL / PROFILE_FULL (the next ask is tried), or FULL / YIELD / QUIET, which end
+# the call (that ask is published as the replica's demand). -> {{codes...}, released, leases in total,
+# replica, count, ...}
+SYNC = (
     _COMMON
     + r"""
-local replica, member, lane, profile = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local cap, lane_cap, profile_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local lease, priority, waited = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local aging, demand_ttl = math.max(1, tonumber(ARGV[12])), tonumber(ARGV[13])
+local replica, channel = ARGV[2], ARGV[3]
+local cap, lease, aging = tonumber(ARGV[4]), tonumber(ARGV[5]), math.max(1, tonumber(ARGV[6]))
+local demand_ttl, n = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
-local function refuse(code)
+local released = 0
+for i = 9, 8 + n do
+  unindex(ARGV[i])
+  released = released + redis.call('ZREM', p .. ':leases', ARGV[i])
+end
+if released > 0 then redis.call('PUBLISH', channel, released) end
+local codes = {}
+local function reply()
+  local out = view(0)
+  out[1] = codes
+  table.insert(out, 2, released)
+  return out
+end
+local function publish(at, code)
+  codes[#codes + 1] = code
   if demand_ttl > 0 then
+    local lane, lane_cap, priority, waited = ARGV[at + 1], ARGV[at + 3], ARGV[at + 5], tonumber(ARGV[at + 6])
     redis.call('HSET', p .. ':demand', replica,
       priority .. '|' .. (now - waited) .. '|' .. lane .. '|' .. lane_cap .. '|' .. (now + demand_ttl))
   end
-  return view(code)
+  return reply()
 end
-if boot(now, lease) == 1 then return refuse(-4) end
+local first = 9 + n
+if boot(now, lease) == 1 then
+  if #ARGV >= first then return publish(first, -4) end
+  return reply()
+end
 purge(now)
-if redis.call('ZSCORE', p .. ':leases', member) then
-  put(member, lane, profile, now + lease)
-  return view(1)
-end
-if redis.call('ZCARD', p .. ':leases') >= cap then return refuse(0) end
-local function pass(code)  -- this request cannot use a slot now: it is not the replica's demand either
-  if demand_ttl > 0 then redis.call('HDEL', p .. ':demand', replica) end
-  return view(code)
-end
-if redis.call('SCARD', p .. ':lane:' .. lane) >= lane_cap then return pass(-1) end
-if profile_cap >= 0 and redis.call('SCARD', p .. ':prof:' .. profile) >= profile_cap then return pass(-2) end
-local mine = priority - waited / aging
+local others = {}  -- other replicas' live demand: {rank, lane, lane cap}
 local demand = redis.call('HGETALL', p .. ':demand')
 for i = 1, #demand, 2 do
-  local other = demand[i]
-  if other ~= replica then
+  if demand[i] ~= replica then
     local prio, enq, olane, olane_cap, expiry = string.match(demand[i + 1], '^(.-)|(.-)|(.*)|(.-)|(.-)$')
     if tonumber(expiry) <= now then
-      redis.call('HDEL', p .. ':demand', other)
-    elseif redis.call('SCARD', p .. ':lane:' .. olane) < tonumber(olane_cap)
-        and tonumber(prio) - (now - tonumber(enq)) / aging < mine then
-      return refuse(-3)
+      redis.call('HDEL', p .. ':demand', demand[i])
+    else
+      others[#others + 1] = {tonumber(prio) - (now - tonumber(enq)) / aging, olane, tonumber(olane_cap)}
     end
   end
 end
-put(member, lane, profile, now + lease)
-redis.call('HDEL', p .. ':demand', replica)
-return view(1)
-"""
-)
-
-# ARGV: prefix, channel, member, lane, profile -> 1 if the lease was there, else 0
-RELEASE = (
-    _COMMON
-    + r"""
-local member = ARGV[3]
-unindex(member)
-local removed = redis.call('ZREM', p .. ':leases', member)
-if removed == 1 then redis.call('PUBLISH', ARGV[2], '1') end
-return removed
+local full_lane, full_profile = {}, {}
+for at = first, #ARGV, 7 do
+  local member, lane, profile = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  local lane_cap, profile_cap = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  local mine = tonumber(ARGV[at + 5]) - tonumber(ARGV[at + 6]) / aging
+  if redis.call('ZSCORE', p .. ':leases', member) then
+    put(member, lane, profile, now + lease)
+    codes[#codes + 1] = 1
+  elseif redis.call('ZCARD', p .. ':leases') >= cap then
+    return publish(at, 0)
+  elseif full_lane[lane] or redis.call('SCARD', p .. ':lane:' .. lane) >= lane_cap then
+    full_lane[lane] = true
+    codes[#codes + 1] = -1
+  elseif full_profile[profile]
+      or (profile_cap >= 0 and redis.call('SCARD', p .. ':prof:' .. profile) >= profile_cap) then
+    full_profile[profile] = true
+    codes[#codes + 1] = -2
+  else
+    for _, o in ipairs(others) do
+      if o[1] < mine and redis.call('SCARD', p .. ':lane:' .. o[2]) < o[3] then return publish(at, -3) end
+    end
+    put(member, lane, profile, now + lease)
+    codes[#codes + 1] = 1
+  end
+end
+if demand_ttl > 0 then redis.call('HDEL', p .. ':demand', replica) end  -- nobody left that a slot would serve
+return reply()
 """
 )
 

@@ -6,7 +6,7 @@ a server that is loading) is the caller's sign that the shared gate cannot be us
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,16 @@ class View:
     code: int
     total: int
     per_replica: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Synced:
+    """What one ``sync`` did: a code per ask it got to (fewer than asked when one ended the call), how many of
+    the releases were still there, and the view after."""
+
+    codes: list[int]
+    released: int
+    view: View
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +110,7 @@ class LeaseStore:
         self.lease_ms = lease_ms
         self.prefix = prefix_for(upstream, namespace)
         self.channel = f"{self.prefix}:released"
-        self._acquire = redis.register_script(scripts.ACQUIRE)
-        self._release = redis.register_script(scripts.RELEASE)
+        self._sync = redis.register_script(scripts.SYNC)
         self._renew = redis.register_script(scripts.RENEW)
         self._clear = redis.register_script(scripts.CLEAR_DEMAND)
         self._global = redis.register_script(scripts.GLOBAL_VIEW)
@@ -109,30 +118,28 @@ class LeaseStore:
     def member(self, request_id: str) -> str:
         return f"{self.replica}|{request_id}"
 
+    async def sync(
+        self, releases: Sequence[Lease], asks: Sequence[Ask], *, cap: int, aging_ms: int, demand_ttl_ms: int = 0
+    ) -> Synced:
+        """Give back ``releases``, then ask for ``asks`` in order (rank order: the best first), in one script."""
+        args: list[str | int] = [self.prefix, self.replica, self.channel, cap, self.lease_ms, aging_ms]
+        args += [demand_ttl_ms, len(releases), *(lease.member for lease in releases)]
+        for ask in asks:
+            lease = ask.lease
+            pcap = -1 if ask.profile_cap is None else ask.profile_cap
+            args += [lease.member, lease.lane, lease.profile, ask.lane_cap, pcap, ask.priority, ask.waited_ms]
+        raw = await self._sync(args=args)
+        codes = [int(c) for c in raw[0]]
+        return Synced(codes, int(raw[1]), _view([codes[-1] if codes else scripts.OK, *raw[2:]]))
+
     async def acquire(self, ask: Ask) -> View:
-        lease = ask.lease
-        raw = await self._acquire(
-            args=[
-                self.prefix,
-                self.replica,
-                lease.member,
-                lease.lane,
-                lease.profile,
-                ask.cap,
-                ask.lane_cap,
-                -1 if ask.profile_cap is None else ask.profile_cap,
-                self.lease_ms,
-                ask.priority,
-                ask.waited_ms,
-                ask.aging_ms,
-                ask.demand_ttl_ms,
-            ]
-        )
-        return _view(raw)
+        """One ask alone: ``View.code`` is its code."""
+        synced = await self.sync([], [ask], cap=ask.cap, aging_ms=ask.aging_ms, demand_ttl_ms=ask.demand_ttl_ms)
+        return synced.view
 
     async def release(self, lease: Lease) -> bool:
-        removed = await self._release(args=[self.prefix, self.channel, lease.member, lease.lane, lease.profile])
-        return bool(removed)
+        synced = await self.sync([lease], [], cap=0, aging_ms=1)
+        return synced.released == 1
 
     async def renew(self, leases: Iterable[Lease], *, recovering: bool = False, queued: int = 0) -> View:
         """Upsert every lease held now (put back any that expired or were lost) and beat the heart; ``recovering``
