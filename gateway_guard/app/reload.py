@@ -77,7 +77,9 @@ def check_reloadable(old: Settings, new: Settings) -> list[str]:
             if getattr(up, key) != getattr(old.upstreams[name], key):
                 raise ConfigError(f"upstreams.{name}.{key}", "changes only with a restart")
     notes = []
-    for key in ("host", "port"):
+    edge = ("max_header_bytes", "max_headers", "header_timeout", "body_timeout", "keep_alive_timeout")
+    edge += ("max_connections", "max_idle_connections", "body_budget_bytes")  # docs/edge.md: read at start
+    for key in ("host", "port", *edge):
         if getattr(new.server, key) != getattr(old.server, key):
             notes.append(f"server.{key} changes at the next start")
     return notes
