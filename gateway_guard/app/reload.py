@@ -77,8 +77,10 @@ def check_reloadable(old: Settings, new: Settings) -> list[str]:
             if getattr(up, key) != getattr(old.upstreams[name], key):
                 raise ConfigError(f"upstreams.{name}.{key}", "changes only with a restart")
     notes = []
-    edge = ("max_header_bytes", "max_headers", "header_timeout", "body_timeout", "keep_alive_timeout")
-    edge += ("max_connections", "max_idle_connections", "body_budget_bytes")  # docs/edge.md: read at start
+    edge = [  # docs/edge.md: read at start
+        *("max_header_bytes", "max_headers", "header_timeout", "body_timeout", "keep_alive_timeout"),
+        *("max_connections", "max_idle_connections", "body_budget_bytes"),
+    ]
     for key in ("host", "port", *edge):
         if getattr(new.server, key) != getattr(old.server, key):
             notes.append(f"server.{key} changes at the next start")
