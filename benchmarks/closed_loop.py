@@ -12,6 +12,9 @@ board is a fresh copy with --cards ready cards; the variants run one after anoth
   (c) tick    ``guard-dispatch tick --target T`` every 5 s (a new process each time, as cron runs it)
   (d) run     ``guard-dispatch run --target T``
   (e) auto    ``guard-dispatch run --target auto --max-running M``
+  (f), (g)    (d) and (e) with reservations (the guard's admin token given: a slot booked per card started)
+
+(d) and (e) book no slots unless --reserve; (f) and (g) always do.
 
 Sampled every 0.1 s from the board's SQLite file (read-only) and GET /guard/capacity: wall time until no
 card is ready or running, mean running / T while cards wait ("backlog"), the guard's slot use
@@ -82,7 +85,8 @@ worker2 = "{k2}"
 """
 NAMES = {"a": "seed capped script, every 5 s", "b": "hermes dispatch --max T, every 5 s",
          "c": "guard-dispatch tick, every 5 s", "d": "guard-dispatch run, target T",
-         "e": "guard-dispatch run, target auto"}
+         "e": "guard-dispatch run, target auto", "f": "guard-dispatch run, target T, reservations",
+         "g": "guard-dispatch run, target auto, reservations"}
 
 
 def hermes_env(home: Path) -> dict[str, str]:
@@ -185,7 +189,7 @@ def dispatcher(variant: str, env: dict[str, str], guard_url: str, args: argparse
     T = str(args.target)
     gd = [sys.executable, "-m", "gateway_guard.dispatch.cli"]
     common = ["--hermes", str(HERMES), "--guard-url", guard_url, "--log-json"]
-    reserve = [] if args.reserve else ["--no-reserve"]
+    reserve = [] if args.reserve or variant in "fg" else ["--no-reserve"]
     periodic = {
         "a": ["bash", str(SEED)],
         "b": [str(HERMES), "kanban", "dispatch", "--max", T],
@@ -195,6 +199,7 @@ def dispatcher(variant: str, env: dict[str, str], guard_url: str, args: argparse
         "d": [*gd, "run", *common, "--target", T, *reserve],
         "e": [*gd, "run", *common, "--target", "auto", "--max-running", str(args.max_running), *reserve],
     }
+    long_running["f"], long_running["g"] = long_running["d"], long_running["e"]
     run_env = dict(env, MAX_PARALLEL=T, GUARD_ADMIN_TOKEN=TOKEN,
                    PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     stop = threading.Event()
@@ -294,7 +299,7 @@ def main() -> int:
                         help="the sim's decode rate: how long the GPU part of a turn takes (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved a..e sequence")
     parser.add_argument("--seconds", type=float, default=600.0, help="give up on a variant after this long")
-    parser.add_argument("--only", default="a,b,c,d,e", help="variants to run, in this order")
+    parser.add_argument("--only", default="a,b,c,d,e", help="variants to run, in this order (also f, g)")
     parser.add_argument("--reserve", action="store_true", help="(d)/(e) book guard slots for new workers")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -342,7 +347,7 @@ def print_table(results: list[dict[str, object]], args: argparse.Namespace) -> N
         ])
     print(f"\n{args.cards} cards, 2 profiles, T={args.target}, guard cap {args.slots}, sim --steps {args.steps} "
           f"--tool-seconds {args.tool_seconds:g} --tokens-per-second {args.tokens_per_second:g}, "
-          f"(e) max_running {args.max_running}, reservations {'on' if args.reserve else 'off'}\n")
+          f"(e) max_running {args.max_running}, reservations for (d)/(e) {'on' if args.reserve else 'off'}\n")
     print(table(["dispatcher", "board empty in (s)", "running / T (backlog)", "slot use (backlog)",
                  "slot use (whole run)", "max running", "max workers alive", "max in flight", "failed runs"], rows))
 
