@@ -14,7 +14,8 @@ connections before ``limit_concurrency`` answers 503 *after* reading the headers
   ``max_idle_connections`` idle keep-alive connections: the oldest is closed; an idle one is closed after
   ``keep_alive_timeout``.
 
-Each refusal is one warning line on ``gateway_guard.edge`` (status, reason, peer, escaped path). The bodies
+Each refusal is one warning line on ``gateway_guard.edge`` (status, reason, peer, escaped path; at most 50 at
+once and 10 a second after that, the next line counting those left out). The bodies
 themselves are counted against the global body budget by the proxy (``app/asgi.py``, ``BodyBudget``).
 """
 
@@ -62,6 +63,26 @@ class EdgeLimits:
         )
 
 
+class _LogBudget:
+    """At most ``burst`` refusal lines at once and ``rate`` a second after that, so an attack cannot fill the
+    disk through the log; the next line that is written says how many were left out."""
+
+    __slots__ = ("at", "burst", "left_out", "level", "rate")
+
+    def __init__(self, rate: float = 10.0, burst: float = 50.0) -> None:
+        self.rate, self.burst = rate, burst
+        self.level, self.at, self.left_out = burst, 0.0, 0
+
+    def take(self, now: float) -> bool:
+        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
+        self.at = now
+        if self.level >= 1:
+            self.level -= 1
+            return True
+        self.left_out += 1
+        return False
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing; the refusal has already been answered."""
 
@@ -70,12 +91,13 @@ class _Idle:
     """One server's connections that hold no request, oldest first (dicts keep insertion order): ``waiting``
     between requests (kept alive, at most ``max_idle_connections``), ``fresh`` ones that have sent nothing."""
 
-    __slots__ = ("closing", "fresh", "waiting")
+    __slots__ = ("closing", "fresh", "log_budget", "waiting")
 
     def __init__(self) -> None:
         self.waiting: dict[EdgeProtocol, None] = {}
         self.fresh: dict[EdgeProtocol, float] = {}  # -> when it connected (loop time)
         self.closing = 0  # connections the guard has closed that have not yet been reported lost
+        self.log_budget = _LogBudget()
 
     def discard(self, conn: EdgeProtocol) -> None:
         self.waiting.pop(conn, None)
@@ -268,8 +290,12 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         self.idle.discard(self)
         self._cancel_timers()
-        path = escape(self.url[:200].decode("latin-1")) if getattr(self, "url", b"") else "-"
-        log.warning("%d from %s %s: %s", status, self._peer(), path, reason)
+        budget = self.idle.log_budget
+        if budget.take(self.loop.time()):
+            path = escape(self.url[:200].decode("latin-1")) if getattr(self, "url", b"") else "-"
+            more = f" ({budget.left_out} more refusals not logged before this one)" if budget.left_out else ""
+            budget.left_out = 0
+            log.warning("%d from %s %s: %s%s", status, self._peer(), path, reason, more)
         cycle = self.cycle if self._app_owns else None
         previous_busy = not self._app_owns and self.cycle is not None and not self.cycle.response_complete
         if not previous_busy and (cycle is None or not cycle.response_started):

@@ -180,3 +180,13 @@ def test_edge_settings_have_safe_defaults_and_name_the_key() -> None:
         )
     token = parse_settings({"upstreams": {"gpu": {"url": "http://127.0.0.1:1"}}}, environ={"GUARD_METRICS_TOKEN": "t"})
     assert token.server.metrics_token == "t" and "'t'" not in repr(token.server)
+
+
+def test_edge_refusal_lines_are_rate_limited_and_count_what_they_left_out() -> None:
+    from gateway_guard.app.edge import _LogBudget
+
+    budget = _LogBudget(rate=10, burst=50)
+    assert all(budget.take(0.0) for _ in range(50))
+    assert not budget.take(0.0) and not budget.take(0.05)
+    assert budget.left_out == 2
+    assert budget.take(0.2)  # 10 a second: two lines' worth after 0.2 s
