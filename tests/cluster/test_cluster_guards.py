@@ -64,9 +64,9 @@ class Guard:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: IO[bytes]) -> None:
         self.proc, self.url, self.log = proc, url, log
 
-    def tail(self) -> str:
+    def tail(self, size: int = 3000) -> str:
         self.log.seek(0)
-        return self.log.read()[-3000:].decode(errors="replace")
+        return self.log.read()[-size:].decode(errors="replace")
 
 
 @contextlib.contextmanager
@@ -227,3 +227,40 @@ async def test_workers_share_the_cap_and_stop_together(own_redis: RedisServer, s
         g.proc.send_signal(signal.SIGTERM)
         assert g.proc.wait(timeout=30) == 0
         assert not any(alive(pid) for pid in children)
+
+
+async def test_redis_restarted_mid_run_never_lets_more_than_the_cap_through(
+    own_redis: RedisServer, sim: str, tmp_path: Path
+) -> None:
+    from redis.asyncio import Redis
+
+    with three_guards(own_redis, sim, tmp_path) as guards:
+        async with httpx.AsyncClient(timeout=120) as client:
+            loop = asyncio.get_running_loop()
+            stop_at = loop.time() + 9.0
+            served = 0
+
+            async def batch_client(i: int) -> None:
+                nonlocal served
+                while loop.time() < stop_at:
+                    await stream(client, guards[i % 3], "batch", 20)
+                    served += 1
+
+            tasks = [asyncio.create_task(batch_client(i)) for i in range(3 * CAP)]
+            await asyncio.sleep(2.0)
+            own_redis.stop()
+            await asyncio.sleep(2.5)
+            own_redis.start()  # empty: the replicas put their leases back, after a quiet period
+            await asyncio.wait_for(asyncio.gather(*tasks), 120)
+            assert served >= 10
+            assert await sim_seen(client, sim) <= CAP, [g.tail() for g in guards]
+        logs = [g.tail(10_000_000) for g in guards]
+        assert all("falls back" in log and "back on the shared gate" in log for log in logs), logs
+        redis = Redis.from_url(own_redis.url)
+        try:
+            deadline = time.monotonic() + LEASE + 1
+            while await redis.zcard("gg:{sim}:leases"):
+                assert time.monotonic() < deadline, "leases left after the run"
+                await asyncio.sleep(0.05)  # polling the server's state: no event to wait on
+        finally:
+            await redis.aclose()
