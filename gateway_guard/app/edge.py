@@ -141,6 +141,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._body_size = 0
         self._app_owns = False  # whether self.cycle is the current request's (else a previous one's, or None)
         self._closing = False  # closed by the guard, not yet lost
+        self._message_done = True  # the current request's body has all arrived
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
 
@@ -172,6 +173,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         busy = bool(self.pipeline) or self._in_head  # another request is queued or has begun
         super().on_response_complete()
+        if busy and not self._message_done and self._app_owns and self._body_timer is None:
+            self._arm_body_timer()  # the pipelined request has started: its body is due now
         if not busy and not self.transport.is_closing():
             self.idle.add_waiting(self, self.limits.max_idle_connections)
 
@@ -238,9 +241,11 @@ class EdgeProtocol(HttpToolsProtocol):
         if declared is not None and declared > self._body_limit:
             self._refuse(413, "declared body over the limit", f"request body is over {self._body_limit} bytes")
             raise _Refused
-        self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        self._message_done = False
         super().on_headers_complete()
         self._app_owns = True  # self.cycle is this request's now
+        if not self.pipeline:  # a pipelined request's body deadline starts when its turn comes
+            self._arm_body_timer()
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -250,6 +255,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._message_done = True
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -260,6 +266,11 @@ class EdgeProtocol(HttpToolsProtocol):
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def _arm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -298,6 +309,7 @@ class EdgeProtocol(HttpToolsProtocol):
             log.warning("%d from %s %s: %s%s", status, self._peer(), path, reason, more)
         cycle = self.cycle if self._app_owns else None
         previous_busy = not self._app_owns and self.cycle is not None and not self.cycle.response_complete
+        previous_busy |= cycle is not None and any(c is cycle for c, _ in self.pipeline)  # queued behind one
         if not previous_busy and (cycle is None or not cycle.response_started):
             self.transport.write(_response(status, message))
         if cycle is not None:

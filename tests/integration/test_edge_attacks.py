@@ -331,3 +331,28 @@ async def test_a_password_in_the_upstream_url_is_refused_without_being_printed()
     assert proc.returncode == 2
     assert "upstreams.gpu.url" in out and "user name or password" in out
     assert "pa55-w0rd-xyz" not in out and "user:" not in out
+
+
+async def test_a_pipelined_request_gets_its_body_deadline_only_when_its_turn_comes() -> None:
+    """Behind a request the upstream holds longer than body_timeout: a complete pipelined request is served,
+    a stalled one gets its 408 one deadline after its turn came, and neither corrupts the answer before it."""
+    json_ct = {"content-type": "application/json"}
+    async with RecordingUpstream() as up:
+        with edge_guard(up.url, server={"body_timeout": 1.0}) as guard:
+            for second, expected in (
+                (request("POST", CHAT, json_ct, SMALL_CHAT), 200),
+                (request("POST", CHAT, {**json_ct, "content-length": "100"}, b'{"mo'), 408),
+            ):
+                up.hold.clear()
+                reader, writer = await _send_slowly(guard, request("POST", CHAT, json_ct, SMALL_CHAT) + second)
+                deadline = time.monotonic() + 30
+                while not up.requests and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)  # polling a recording server in this loop for the first request
+                await asyncio.sleep(1.5)  # hold the first answer past the body deadline (the rule is elapsed time)
+                up.hold.set()
+                first = await read_answer(reader)
+                after = await read_answer(reader)
+                writer.close()
+                assert (first.status, after.status) == (200, expected)
+                up.requests.clear()
+            assert guard.in_flight() == 0
