@@ -16,11 +16,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import math
 import os
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from gateway_guard.sim import SimConfig, build_sim_app
 from tests.integration.conftest import CHAT_PATH, guard_in_process, guard_settings, wait_all_free
 from tests.support.inprocess import serve_in_process
 from tests.support.llamacpp import REPO_ROOT, free_port
+from tests.support.outage import guard_with_config
 
 HERMES_VENV = Path(os.environ.get("GUARD_TEST_HERMES") or REPO_ROOT / ".venv-hermes" / "bin" / "hermes").parents[1]
 CLASSIFIERS = sorted(HERMES_VENV.glob("lib/python3*/site-packages/agent/error_classifier.py"))
@@ -183,3 +187,129 @@ async def test_a_lane_that_asks_for_503_gets_it_with_retry_after() -> None:
     assert response.headers["retry-after"].isdigit()
     said = [p for p in hermes_overload_phrases() if p in response.text.lower()]
     assert not said, said
+
+
+# -- a real Hermes worker, refused, waits the Retry-After ------------------------------------------------------
+
+HERMES_GUARD_CONFIG = """
+[server]
+host = "127.0.0.1"
+default_lane = "batch"
+
+[lanes.batch]
+headroom = 0
+queue_timeout = 0.5
+requests_per_minute = 6
+
+[upstreams.default]
+url = "{sim}"
+max_inflight = 2
+
+[profiles.w]
+lane = "batch"
+
+[profiles.drain]
+lane = "batch"
+
+[keys]
+w = "sk-hermes-w"
+drain = "sk-drain"
+"""
+ACCESS = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO gateway_guard\.access: POST /v1/chat/completions "
+    r"status=(\d+) outcome=\S+ lane=\S+ profile=(\S+) upstream=\S+ wait=\S+ duration=([\d.]+)s(.*)$",
+    re.M,
+)
+
+
+@dataclass
+class Call:
+    ended: float  # the access log's timestamp, seconds
+    status: int
+    duration: float
+    room_in: float | None  # for a 429: "room again in X s" (Retry-After is X rounded up, at least 1)
+
+    @property
+    def started(self) -> float:
+        return self.ended - self.duration
+
+
+def worker_calls(log: str) -> list[Call]:
+    calls = []
+    for stamp, status, profile, duration, rest in ACCESS.findall(log):
+        if profile != "w":
+            continue
+        at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        room = re.search(r"room again in ([\d.]+)s", rest)
+        calls.append(Call(at, int(status), float(duration), float(room[1]) if room else None))
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.hermes
+async def test_a_real_hermes_worker_waits_the_retry_after_between_attempts(tmp_path: Path) -> None:
+    """The batch lane's rate (6 a minute) is kept full by another profile until the worker's first call is
+    refused; the worker must come back after the Retry-After it was given, not after its own 2-3 s backoff."""
+    hermes = HERMES_VENV / "bin" / "hermes"
+    if not hermes.exists():
+        pytest.skip(f"hermes CLI not found at {hermes}")
+    home = tmp_path / "hermes"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HERMES_", "GUARD"))}
+    env |= {"HERMES_HOME": str(home), "HERMES_DISABLE_LAZY_INSTALLS": "1"}
+    async with serve_in_process(build_sim_app(SimConfig(slots=4, tokens_per_second=500.0, ttft=0.01))) as sim_url:
+        config = tmp_path / "guard.toml"
+        config.write_text(HERMES_GUARD_CONFIG.format(sim=sim_url))
+        log = tmp_path / "guard.log"
+        with guard_with_config(config, log) as (guard, _pid):
+            for name, value in (
+                ("model.provider", "custom"),
+                ("model.base_url", f"{guard}/v1"),
+                ("model.api_key", "sk-hermes-w"),
+                ("model.default", "sim"),
+            ):  # one at a time: each rewrites config.yaml
+                proc = await asyncio.create_subprocess_exec(
+                    str(hermes), "config", "set", name, value, env=env, stdout=subprocess.DEVNULL
+                )
+                assert await proc.wait() == 0
+            stop = asyncio.Event()
+
+            async def drain() -> None:
+                """Keep the lane's bucket empty (one request always waiting for the next unit) until the
+                worker has been refused once."""
+                headers = {"Authorization": "Bearer sk-drain"}
+                async with httpx.AsyncClient(timeout=30) as http:
+                    while not stop.is_set():
+                        await http.post(f"{guard}{CHAT_PATH}", json=BODY, headers=headers)
+                        if any(c.status == 429 for c in worker_calls(log.read_text())):
+                            stop.set()
+
+            drainer = asyncio.create_task(drain())
+            worker = await asyncio.create_subprocess_exec(
+                str(hermes), "chat", "-Q", "-q", "Say hello.", env=env, cwd=tmp_path,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                async with asyncio.timeout(240):
+                    output, _ = await worker.communicate()
+            finally:
+                stop.set()
+                if worker.returncode is None:
+                    worker.kill()
+                    await worker.wait()
+                await drainer
+        calls = worker_calls(log.read_text())
+    assert worker.returncode == 0, output.decode(errors="replace")[-3000:]
+    refused = [i for i, c in enumerate(calls) if c.status == 429]
+    assert refused, f"the worker was never refused: {calls}"
+    assert calls[-1].status == 200, calls
+    for i in refused:
+        call, retry = calls[i], calls[i + 1]
+        assert call.room_in is not None
+        retry_after = max(1, math.ceil(call.room_in))
+        waited = retry.started - call.ended
+        # Hermes' own backoff for a first retry is 2-3 s; honouring Retry-After, it waits just that long.
+        assert retry_after - 0.15 <= waited <= retry_after + 1.0, (waited, retry_after, calls)
+    seen = [(c.status, c.room_in, round(calls[n + 1].started - c.ended, 2) if n in refused else None)
+            for n, c in enumerate(calls)]  # fmt: skip
+    print(f"\nthe worker's chat calls (status, room again in s, waited s): {seen}")
