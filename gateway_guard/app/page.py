@@ -33,7 +33,7 @@ from gateway_guard.app.page_render import render_page
 from gateway_guard.app.state import GuardState
 
 ACCESS_MODES = ("open", "token", "off")
-STATUS_PAGE_DEFAULT = "open"  # settings key wanted: server.status_page = "open" | "token" | "off"
+STATUS_PAGE_DEFAULT = "open"  # server.status_page: "open" | "token" | "off"
 STATIC_FILES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = {
     # The page loads nothing from anywhere else, and says so to the browser.

@@ -17,6 +17,7 @@ header), then ``other``. A request that ended before it had a lane or an upstrea
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NONE = "none"
 OTHER = "other"
 MAX_EXTRA_PROFILES = 32
+REUSE_SECONDS = 1.0  # the same text for scrapes this close together when nothing changed (ages are rounded)
 
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -84,8 +86,12 @@ class GuardMetrics:
         profiles: Iterable[str] = (),
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._gates = gates
         self._probers = probers
         self._profile = ProfileLabels(profiles)
+        self._version = 0  # moves with every request that ends and every change at a gate
+        self._watched: set[int] = set()
+        self._cached: tuple[int, float, tuple[Reading | None, ...], bytes] | None = None
         reg = self.registry
         self.requests = Counter(
             "gateway_guard_requests",
@@ -132,6 +138,7 @@ class GuardMetrics:
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def observe(self, record: RequestRecord) -> None:
+        self._version += 1
         upstream = record.upstream or NONE
         lane = record.lane or NONE
         self._child(self.requests, upstream, lane, record.outcome.value).inc()
@@ -159,14 +166,35 @@ class GuardMetrics:
 
     def set_profiles(self, profiles: Iterable[str]) -> None:
         self._profile.configure(profiles)
+        for gate in self._gates.values():  # a gate's change is a change of the text
+            if id(gate) not in self._watched:
+                self._watched.add(id(gate))
+                gate.watch(self._bump)
+
+    def _bump(self) -> None:
+        self._version += 1
 
     async def render(self) -> bytes:
-        """The exposition text, with each prober's last reading (before its first, waits for it, briefly)."""
+        """The exposition text, with each prober's last reading (before its first, waits for it, briefly).
+
+        While nothing changed -- no request ended, nothing moved at a gate, the same readings -- and the last text
+        is younger than ``REUSE_SECONDS``, that text is served again: a scrape flood costs no rendering each."""
         names = list(self._probers)
-        results = await asyncio.gather(*(self._probers[n].latest() for n in names))
+        results = tuple(await asyncio.gather(*(self._probers[n].latest() for n in names)))
+        now = time.monotonic()
+        cached = self._cached
+        if (
+            cached is not None
+            and cached[0] == self._version
+            and now - cached[1] < REUSE_SECONDS
+            and all(a is b for a, b in zip(cached[2], results, strict=True))
+        ):
+            return cached[3]
         self._readings.clear()
         self._readings.update(zip(names, results, strict=True))
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        self._cached = (self._version, now, results, text)
+        return text
 
 
 class GateCollector(Collector):

@@ -181,3 +181,20 @@ async def test_gauges_are_read_at_scrape_time_from_the_gate() -> None:
     assert value(held, "gateway_guard_in_flight", upstream="default", lane="batch") == 1
     assert value(held, "gateway_guard_profile_in_flight", upstream="default", profile="anonymous") == 1
     assert value(freed, "gateway_guard_in_flight", upstream="default", lane="batch") == 0
+
+
+async def test_a_scrape_flood_reuses_the_text_until_something_changes() -> None:
+    async with running_guard(max_inflight=2, sim=SimConfig(mode="zero"), probe_interval=3600) as g:
+        registry = g.state.telemetry.metrics_registry
+        first = await registry.render()
+        assert all([await registry.render() is first for _ in range(150)])  # nothing changed: no rendering
+        gate = g.state.gates["default"]
+        permit = await gate.acquire("batch", "anonymous")  # a change at the gate: a new text at once
+        held = await registry.render()
+        assert held is not first
+        assert value(samples(held.decode()), "gateway_guard_in_flight", upstream="default", lane="batch") == 1
+        permit.release()
+        await g.client.post("/v1/chat/completions", json=chat(stream=False))  # a request that ended: new text
+        after = samples((await registry.render()).decode())
+        labels = {"upstream": "default", "lane": "batch", "outcome": "admitted"}
+        assert value(after, "gateway_guard_requests_total", **labels) == 1
