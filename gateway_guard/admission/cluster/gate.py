@@ -304,7 +304,7 @@ class ClusterGate:
             self._wake.clear()
             try:
                 if self._link.mode == FALLBACK:
-                    self._grant_in_fallback()
+                    await self._grant_in_fallback()
                 else:
                     await self._sync()
             except Exception:  # the pump must outlive anything: a request waits on it
@@ -339,8 +339,10 @@ class ClusterGate:
             )
         except RedisError as exc:
             self._releasing = releases + self._releasing  # sent again when Redis is back (else they expire)
+            self._link.reachable = False
             self._link.fall_back(f"{GONE}: {exc}")
             return
+        self._link.reachable = True
         if synced.codes and synced.codes[-1] == scripts.QUIET:
             self._link.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
         self._link.observe(synced.view)
@@ -357,18 +359,24 @@ class ClusterGate:
         if len(pending) == BATCH and not self._demand:
             self._kick()  # there may be more behind the batch
 
-    def _grant_in_fallback(self) -> None:
+    async def _grant_in_fallback(self) -> None:
+        """Up to the share. While Redis answers (a quiet period) the new leases are put there before the grant:
+        a replica back on the shared gate must not be granted past them."""
         allowance = self._share.allowance or 0
-        granted = False
+        granted: list[tuple[_Want, Lease]] = []
         for want in self._pending():
             if len(self._held) >= allowance:
                 break
             lease = Lease(self._store.member(str(next(self._ids))), want.lane.name, want.profile)
             self._held[lease.member] = lease
-            want.future.set_result(lease)
-            granted = True
-        if granted:
-            self._link.renew_now.set()  # register it at once if Redis is there (quiet) - else at the recovery
+            granted.append((want, lease))
+        if granted and self._link.reachable:
+            await self._link.renew()
+        for want, lease in granted:
+            if want.future.done():  # timed out or cancelled meanwhile
+                self._give_back(lease)
+            else:
+                want.future.set_result(lease)
 
     def _release(self, inner: Permit, lease: Lease, outer: Permit, result: Result) -> None:
         inner.report_usage(prompt_tokens=outer.prompt_tokens, output_tokens=outer.output_tokens)

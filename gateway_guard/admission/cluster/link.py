@@ -80,6 +80,7 @@ class Link:
         self.renew_now = asyncio.Event()
         self._renew_every = store.lease_ms / 3000
         self.closed = False
+        self.reachable = False  # the last call to Redis went through
 
     @property
     def status(self) -> ClusterStatus:
@@ -102,8 +103,10 @@ class Link:
             view = await self.store.renew(list(self.held.values()), recovering=recovering, queued=self._queued())
             self.counts = await self.store.counts()
         except RedisError as exc:
+            self.reachable = False
             self.fall_back(f"{GONE}: {exc}")
             return
+        self.reachable = True
         self.recovering = False
         if view.code == 1:
             self.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
