@@ -285,7 +285,11 @@ class H1Response:
         if conn is None:
             return
         conn.finish()
-        if conn.complete and conn.keep_alive and not conn.body and not conn.closed and not self._no_body:
+        # Not after an event stream: llama.cpp closes the connection after every streamed answer (despite its
+        # Keep-Alive header) and never runs a request written before that close arrives -- a 502 the guard may
+        # not replay (tests/support/keepalive.py). A fresh connection per stream costs one local connect.
+        stream = "event-stream" in self.content_type
+        if conn.complete and conn.keep_alive and not conn.body and not conn.closed and not self._no_body and not stream:
             self._client.release(conn)
         else:  # unfinished: closing the socket tells the server to stop (and free its slot)
             conn.close()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from gateway_guard.errors import GuardError, UpstreamUnavailable
 from gateway_guard.upstream.client import Upstream
+from gateway_guard.upstream.errors import UpstreamClosedEarly
 from gateway_guard.upstream.saturation import (
     KINDS,
     Saturation,
@@ -138,13 +139,21 @@ class Prober:
 
     async def health(self) -> tuple[str, str]:
         """``GET /health``: a refused connection is down, a 503 is loading, any other answer is up -- and so is
-        a server that took the connection but is slow to answer or breaks the answer (there, not restarting)."""
-        try:
-            status, text = await self.upstream.get_text("/health", timeout=TIMEOUT)
-        except UpstreamUnavailable as exc:
-            return DOWN, str(exc)
-        except GuardError as exc:
-            return UP, f"GET /health: {exc}"
+        a server that took the connection but is slow to answer or breaks the answer (there, not restarting).
+        A connection closed or reset with no answer is asked again once (a GET may be): a process being killed
+        closes its sockets one by one, so the pooled probe connection may die just after the write, and the
+        second try meets the refused port."""
+        for attempt in (1, 2):
+            try:
+                status, text = await self.upstream.get_text("/health", timeout=TIMEOUT)
+                break
+            except UpstreamUnavailable as exc:
+                return DOWN, str(exc)
+            except UpstreamClosedEarly as exc:
+                if attempt == 2:
+                    return UP, f"GET /health: {exc}"
+            except GuardError as exc:
+                return UP, f"GET /health: {exc}"
         if status == 503:
             return LOADING, f"GET /health -> 503 {text[:80].strip()}"
         return UP, f"GET /health -> {status}"
