@@ -6,6 +6,7 @@ so the test decides when a card finishes and reads from the board's own timestam
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -88,6 +89,10 @@ class Background:
         self.code: ExitCode | None = None
 
         def target() -> None:
+            # CPython 3.11 caches the running loop per thread id in C, and a thread started while another runs
+            # asyncio.run can read a stale entry ("cannot be called from a running event loop", seen once in a
+            # full run): say plainly that this new thread runs no loop before starting one.
+            asyncio.events._set_running_loop(None)
             self.code = run(opts, env=env, out=self.out, err=self.out, until=self._stop.is_set)
 
         self._thread = threading.Thread(target=target, daemon=True)

@@ -132,7 +132,9 @@ async def test_bodies_over_the_limit_are_413_at_the_edge() -> None:
                     await writer.drain()
             counted = await read_answer(reader)
             writer.close()
-            assert counted.status == 413
+            # the guard answers and closes while the client is still writing: the client's kernel may drop the
+            # answer on the reset that follows, so a lost answer counts when the guard's log shows the 413
+            assert counted.status == 413 or (counted.status == 0 and "413 from 127.0.0.1" in guard.log()), counted
             guard_own = await raw_exchange(guard.port, request("POST", "/guard/reload", {}, b"x" * 100_000))
             assert guard_own.status == 413  # the guard's own endpoints take 64 KiB at most
             assert up.requests == []
