@@ -12,8 +12,9 @@ A request passes two steps:
 
 The lease is held as long as the permit, renewed every lease/3 (``keeper``), and released with the permit.
 
-**When Redis is gone** (an error or timeout of any call) or quiet after a restart, the replica falls back to a
-static share of the cap (``share.py``), logs it and shows it in ``status``; the keeper keeps trying, and when a
+**When Redis is gone** (an error or timeout of any call) or quiet after a restart, the replica falls back: it
+keeps the requests it holds and may replace one that ends, never add one (``link.py``), logs it and shows it in
+``status``; the keeper keeps trying, and when a
 renewal goes through it puts back every lease held (those taken in fallback too: upserts, never counted twice)
 and starts a quiet period of one lease so that the others do the same before anyone is granted past them.
 """
@@ -101,7 +102,14 @@ class ClusterGate:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._link = Link(
-            name, store, self._share, self._held, queued=self._queued, kick=self._kick, changed=self._changed
+            name,
+            store,
+            self._share,
+            self._held,
+            queued=self._queued,
+            unsent=lambda: len(self._releasing),
+            kick=self._kick,
+            changed=self._changed,
         )
         self._local.watch(self._changed)
 

@@ -3,9 +3,10 @@
 * ``keep()`` renews every lease the replica holds every lease/3 (upserts: a lease Redis lost comes back, never
   twice), beats its heart, and reads the cluster-wide counts; in fallback it retries every half second at most.
 * ``listen()`` turns each published release into a wake-up of the gate's pump.
-* ``fall_back(reason)`` restricts the local gate to the static share (``share.py``), logs it once, and marks the
-  replica *recovering* if Redis was gone: its first renewal back starts a quiet period, so that no replica is
-  granted a lease past those the others took in fallback before they too have put them back.
+* ``fall_back(reason)`` restricts the local gate to what the replica holds at that moment (it may replace a
+  request that ends, not add one), logs it once, and marks the replica *recovering* if Redis was gone: its
+  first renewal back starts a quiet period, so that no replica is granted a lease past those the others took
+  in fallback before they too have put them back.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from gateway_guard.admission.cluster.share import ShareLimit, fallback_share
+from gateway_guard.admission.cluster.share import ShareLimit
 from gateway_guard.admission.cluster.store import Counts, Lease, LeaseStore, View
 
 log = logging.getLogger("gateway_guard.cluster")
@@ -67,11 +68,12 @@ class Link:
         held: dict[str, Lease],
         *,
         queued: Callable[[], int],
+        unsent: Callable[[], int],
         kick: Callable[[], None],
         changed: Callable[[], None],
     ) -> None:
         self.name, self.store, self.share, self.held = name, store, share, held
-        self._queued, self._kick, self._changed = queued, kick, changed
+        self._queued, self._unsent, self._kick, self._changed = queued, unsent, kick, changed
         self.mode, self.reason = SHARED, ""
         self.seen: dict[str, int] | None = None  # leases per live replica at the last look; None: never looked
         self.total = 0
@@ -122,19 +124,21 @@ class Link:
         self._changed()
 
     def fall_back(self, reason: str) -> None:
-        cap = self.share.inner.limit
-        seen = None if self.seen is None else {**self.seen, self.store.replica: len(self.held)}
-        allowance = fallback_share(cap, self.store.replica, seen)
+        """Keep what it holds: the replica goes on with as many requests at once as it held when it lost the
+        shared gate (a finished one may be replaced, no more). The leases held then were granted under the cap,
+        so the replicas together stay under it whatever they last saw of each other; a share of the cap
+        computed from what they last saw could be one too many (the others' last grants were not in it)."""
         if self.mode != FALLBACK:
+            allowance = len(self.held) + self._unsent()  # as Redis counted them: releases not sent yet included
             self.renew_now.set()  # try Redis again soon (then every RETRY_SECONDS at most)
             log.warning(
-                "upstream %s: shared gate unavailable (%s); replica %s falls back to %d of the cap %d",
-                self.name, reason, self.store.replica, allowance, cap,
+                "upstream %s: shared gate unavailable (%s); replica %s keeps the %d requests it holds (cap %d)",
+                self.name, reason, self.store.replica, allowance, self.share.inner.limit,
             )  # fmt: skip
+            self.share.restrict(allowance)
         self.mode, self.reason = FALLBACK, reason
         if reason.startswith(GONE):
             self.recovering = True  # what we grant now, Redis learns only when back: hold the others till then
-        self.share.restrict(allowance)
         self._kick()
         self._changed()
 

@@ -1,36 +1,15 @@
-"""What a replica may hold while the shared gate cannot be used (Redis gone, or just restarted and quiet).
-
-``fallback_share`` is the static share: the cap divided among the replicas last seen alive (the remainder to the
-first ones by id, so the shares add up to the cap), less whatever the others held beyond their own share when
-last seen (they keep those requests, and will not admit more until they are back under their share). A replica
-that never reached Redis knows nobody's holdings and admits nothing: it never fails open.
-
-``ShareLimit`` is the limit the replica's local gate enforces: the real cap while shared, the share in fallback.
+"""The limit a replica's local gate enforces: the real cap while the cap is shared, at most ``allowance`` while
+it is not (``link.py``: what the replica held when it lost the shared gate; 0 if it never had it).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from gateway_guard.admission.limit import Limit, LimitChange
 from gateway_guard.admission.policy import Result
 from gateway_guard.upstream.saturation import Saturation
-
-
-def shares(cap: int, replicas: list[str]) -> dict[str, int]:
-    base, extra = divmod(cap, len(replicas))
-    return {r: base + (1 if i < extra else 0) for i, r in enumerate(sorted(replicas))}
-
-
-def fallback_share(cap: int, me: str, seen: Mapping[str, int] | None) -> int:
-    """``seen``: leases per replica (live ones, 0 included) at the last look; ``None`` if never looked."""
-    if seen is None:
-        return 0
-    everyone = sorted(set(seen) | {me})
-    share = shares(cap, everyone)
-    others = sum(max(share[r], seen.get(r, 0)) for r in everyone if r != me)
-    return max(0, min(share[me], cap - others))
 
 
 class ShareLimit:
@@ -55,7 +34,7 @@ class ShareLimit:
     @property
     def reason(self) -> str:
         if self.allowance is not None:
-            return f"fallback share of the cap ({self.allowance}); {self.inner.reason}"
+            return f"shared gate unavailable: keeps {self.allowance} at most; {self.inner.reason}"
         return self.inner.reason
 
     @reason.setter
