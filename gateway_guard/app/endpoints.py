@@ -121,6 +121,19 @@ async def ready(request: Request) -> Response:
             report[name] = {"ready": False, "detail": "not probed yet", "age_s": None}
         else:
             report[name] = {"ready": reading.ready, "detail": reading.detail, "age_s": round(reading.age(), 2)}
+    if state.cluster is not None:  # the shared cap: a replica in fallback serves only what it already held
+        for name, status in state.cluster.status.items():
+            report[name]["cluster"] = {
+                "mode": status.mode,
+                "reason": status.reason,
+                "allowance": status.allowance,
+                "replica": status.replica,
+                "held": status.held,
+                "cluster_in_flight": status.in_flight,
+                "replicas": dict(status.replicas),
+            }
+            if not status.shared:
+                report[name]["ready"] = False
     ok = all(r["ready"] for r in report.values())
     return JSONResponse({"ready": ok, "upstreams": report}, status_code=200 if ok else 503)
 

@@ -50,6 +50,9 @@ class GuardState:
             for name, up in self.upstreams.items()
         }
         self.telemetry = Telemetry.from_settings(settings, self.gates, self.probers)
+        if self.cluster is not None:
+            cluster = self.cluster
+            self.telemetry.metrics_registry.watch_cluster(lambda: cluster.status)
         self.policy: Policy | None = None
         self.classifier: Classifier
         self.apply(settings.compile())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -174,6 +174,10 @@ class GuardMetrics:
     def _bump(self) -> None:
         self._version += 1
 
+    def watch_cluster(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        """``[cluster]``: each upstream's shared-cap status (``admission/cluster``'s ``ClusterStatus``) per scrape."""
+        self.registry.register(ClusterCollector(status))
+
     async def render(self) -> bytes:
         """The exposition text, with each prober's last reading (before its first, waits for it, briefly).
 
@@ -288,3 +292,34 @@ class UpstreamSaturationCollector(Collector):
                     gauges[ours].add_metric([name], float(value))
         yield from (up, ready, age)
         yield from gauges.values()
+
+
+class ClusterCollector(Collector):
+    """The shared cap (``[cluster]``): shared or in fallback, and the leases each replica holds, as last seen."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        shared = GaugeMetricFamily(
+            "gateway_guard_cluster_shared",
+            "1 while the cap is shared through Redis, 0 in fallback",
+            labels=["upstream"],
+        )
+        held = GaugeMetricFamily(
+            "gateway_guard_cluster_held", "Requests this replica holds under the shared cap", labels=["upstream"]
+        )
+        leases = GaugeMetricFamily(
+            "gateway_guard_cluster_replica_leases",
+            "Leases per live replica, cluster-wide, as last seen",
+            labels=["upstream", "replica"],
+        )
+        for name, status in self._status().items():
+            shared.add_metric([name], 1 if status.shared else 0)
+            held.add_metric([name], status.held)
+            for replica, count in status.replicas.items():
+                leases.add_metric([name, replica], count)
+        yield from (shared, held, leases)

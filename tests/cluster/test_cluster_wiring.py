@@ -66,8 +66,13 @@ async def test_a_guard_with_cluster_admits_through_leases(shared_redis: RedisSer
                         response = await client.post(f"{url}/v1/chat/completions", json=body)
                         assert response.status_code == 200, response.text
                     capacity = (await client.get(f"{url}/guard/capacity")).json()
+                    ready = (await client.get(f"{url}/guard/ready")).json()
+                    metrics = (await client.get(f"{url}/metrics")).text
                 assert capacity["upstreams"]["default"]["limit"] == 2
                 assert state.cluster.shared
+                cluster = ready["upstreams"]["default"]["cluster"]
+                assert cluster["mode"] == "shared" and cluster["replica"] == state.cluster.replica
+                assert 'gateway_guard_cluster_shared{upstream="default"} 1.0' in metrics
                 leases = f"{prefix_for('default', upstream_name)}:leases"
                 assert await redis.zcard(leases) == 0  # released (the release runs just after the response)
             finally:
