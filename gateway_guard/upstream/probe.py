@@ -39,6 +39,7 @@ log = logging.getLogger("gateway_guard.probe")
 TIMEOUT = 2.0  # a busy server answers its metrics late (llama.cpp: after the decode step under way), not never
 BACKOFF = 0.25  # first re-probe of an upstream that went away; doubles up to the interval
 UP, DOWN, LOADING, UNKNOWN = "up", "down", "loading", "unknown"
+LOST_HEALTH_PAUSES = (0.1, 0.2)  # GET /health lost with no answer: asked again after these pauses
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +141,19 @@ class Prober:
     async def health(self) -> tuple[str, str]:
         """``GET /health``: a refused connection is down, a 503 is loading, any other answer is up -- and so is
         a server that took the connection but is slow to answer or breaks the answer (there, not restarting).
-        A connection closed or reset with no answer is asked again once (a GET may be): a process being killed
-        closes its sockets one by one, so the pooled probe connection may die just after the write, and the
-        second try meets the refused port."""
-        for attempt in (1, 2):
+        A connection closed or reset with no answer is asked again (a GET may be), after 0.1 s and 0.2 s: a
+        process being killed closes its sockets one by one and its port may take a new connection for a moment
+        after the others died; a later try meets the refused port."""
+        for pause in (*LOST_HEALTH_PAUSES, None):
             try:
                 status, text = await self.upstream.get_text("/health", timeout=TIMEOUT)
                 break
             except UpstreamUnavailable as exc:
                 return DOWN, str(exc)
             except UpstreamClosedEarly as exc:
-                if attempt == 2:
+                if pause is None:
                     return UP, f"GET /health: {exc}"
+                await asyncio.sleep(pause)
             except GuardError as exc:
                 return UP, f"GET /health: {exc}"
         if status == 503:
