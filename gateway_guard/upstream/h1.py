@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import select
 import socket
@@ -43,7 +44,10 @@ from gateway_guard.upstream.errors import (
     reset_error,
 )
 
+log = logging.getLogger("gateway_guard.upstream")
+
 IDLE_EXPIRY = 2.0  # servers close idle keep-alive connections (llama.cpp's cpp-httplib after 5 s); ours sooner
+STREAM_KEEPALIVE_CHECK = 0.25  # how long a connection must stay open after a stream before streams' are pooled
 MAX_IDLE = 64
 HIGH_WATER = 64 * 1024  # bytes read ahead of the consumer before the socket is paused
 LOW_WATER = 16 * 1024
@@ -76,6 +80,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._fd = -1
         self.idle_since = 0.0
+        self.after_stream = False  # pooled after an event stream (the server is believed to keep it open)
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -285,12 +290,15 @@ class H1Response:
         if conn is None:
             return
         conn.finish()
-        # Not after an event stream: llama.cpp closes the connection after every streamed answer (despite its
-        # Keep-Alive header) and never runs a request written before that close arrives -- a 502 the guard may
-        # not replay (tests/support/keepalive.py). A fresh connection per stream costs one local connect.
-        stream = "event-stream" in self.content_type
-        if conn.complete and conn.keep_alive and not conn.body and not conn.closed and not self._no_body and not stream:
-            self._client.release(conn)
+        # After an event stream, only where the server keeps such connections open: llama.cpp closes the
+        # connection after every streamed answer (despite its Keep-Alive header) and never runs a request written
+        # before that close arrives -- a 502 the guard may not replay (tests/support/keepalive.py). So the first
+        # stream's connection is watched a moment before streams' connections are pooled (``after_stream``).
+        if conn.complete and conn.keep_alive and not conn.body and not conn.closed and not self._no_body:
+            if "event-stream" in self.content_type:
+                self._client.after_stream(conn)
+            else:
+                self._client.release(conn)
         else:  # unfinished: closing the socket tells the server to stop (and free its slot)
             conn.close()
 
@@ -313,6 +321,7 @@ class H1Client:
         self._host_line = f"host: {host_header}\r\n"
         self._connect_timeout = connect_timeout
         self._idle: deque[_Connection] = deque()
+        self.streams_keep_alive: bool | None = None  # does the server keep a connection open after a stream?
 
     async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -339,9 +348,36 @@ class H1Client:
                     idle.pop().close()
                 return None
             if conn.reusable():
+                conn.after_stream = False
                 return conn
+            if conn.after_stream:  # the server does close after streams, only later than we looked
+                self.streams_keep_alive = False
             conn.close()  # dropped by the server while idle: nothing was written on it
         return None
+
+    def after_stream(self, conn: _Connection) -> None:
+        """A connection whose stream ended well: pooled where streams' connections are known to stay open,
+        closed where they are known not to, and while unknown, judged ``STREAM_KEEPALIVE_CHECK`` s later."""
+        if self.streams_keep_alive:
+            conn.after_stream = True
+            self.release(conn)
+        elif self.streams_keep_alive is False:
+            conn.close()
+        else:
+            asyncio.get_running_loop().call_later(STREAM_KEEPALIVE_CHECK, self._judge, conn)
+
+    def _judge(self, conn: _Connection) -> None:
+        if conn.reusable():
+            if self.streams_keep_alive is None:
+                log.info("upstream %s keeps connections open after streams: pooling them", self.name)
+            self.streams_keep_alive = True
+            conn.after_stream = True
+            self.release(conn)
+        else:
+            if self.streams_keep_alive is None:
+                log.info("upstream %s closes connections after streams: a new one per stream", self.name)
+            self.streams_keep_alive = False
+            conn.close()
 
     def release(self, conn: _Connection) -> None:
         now = time.monotonic()

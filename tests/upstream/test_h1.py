@@ -332,3 +332,46 @@ async def test_a_large_body_is_read_with_backpressure() -> None:
             total += len(chunk)
         assert total == size
         await response.aclose()
+
+
+SSE = b"data: {}\n\ndata: [DONE]\n\n"
+SSE_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(SSE), SSE)
+
+
+@pytest.mark.parametrize("closes_after_streams", [False, True])
+async def test_connections_after_streams_are_pooled_only_where_the_server_keeps_them(
+    closes_after_streams: bool,
+) -> None:
+    """llama.cpp closes the connection after every stream (and drops a request written before the close
+    arrives): the client watches the first stream's connection and pools streams' connections only where the
+    server keeps them open; every request is answered either way."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await server.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(SSE_ANSWER)
+            await writer.drain()
+            if closes_after_streams:
+                return
+
+    server = Server(handler)
+    async with serving(server) as up:
+        assert await _read_all(up) == (
+            200,
+            SSE,
+            [(b"content-type", b"text/event-stream"), (b"content-length", b"%d" % len(SSE))],
+        )
+        h1 = up._h1
+        assert h1 is not None
+        async with asyncio.timeout(5):  # the client judges the first stream's connection a moment later
+            while h1.streams_keep_alive is None:
+                await asyncio.sleep(0.02)
+        assert h1.streams_keep_alive is (not closes_after_streams)
+        for _ in range(4):
+            status, body, _ = await _read_all(up)
+            assert (status, body) == (200, SSE)
+    assert len(server.requests) == 5
+    assert server.connections == (5 if closes_after_streams else 1)
