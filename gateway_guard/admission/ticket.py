@@ -8,8 +8,10 @@ estimate, and releases the slot. Leaving the ``async with`` without ``finish`` f
 * the request never reached the server (``UpstreamUnavailable``: connect refused, pooled connection gone before
   the write): ``IGNORED``, released at once;
 * it was cut off after reaching the server (the client left, the upstream timed out or failed mid-way):
-  ``IGNORED`` (client) or ``DROPPED`` (upstream), released ``ABORT_GRACE_SECONDS`` later, so the cap holds as
-  the server sees it while the server notices the closed connection. The timer always fires: no permit leaks.
+  ``IGNORED`` (client) or ``DROPPED`` (upstream), released a grace later, so the cap holds as the server sees
+  it while the server notices the closed connection. llama.cpp notices when it next writes a token, so the grace
+  is ``ABORT_GRACE_SECONDS`` or three of the request's own gaps between chunks, whichever is longer (a loaded
+  server decodes slower), at most ``MAX_GRACE_SECONDS``. The timer always fires: no permit leaks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from gateway_guard.errors import UpstreamError, UpstreamUnavailable
 # How long a cut-off request keeps its slot after the guard closed the upstream connection (llama.cpp frees a
 # streamed request's slot ~20 ms after its client goes away).
 ABORT_GRACE_SECONDS = 0.1
+MAX_GRACE_SECONDS = 2.0
+GAPS = 3.0  # chunk gaps the server may take to notice a closed connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +43,25 @@ class Usage:
 
 
 class Ticket:
-    __slots__ = ("_finished", "_permit", "_rates", "usage")
+    __slots__ = ("_finished", "_gap", "_last_chunk", "_permit", "_rates", "usage")
 
     def __init__(self, permit: Permit, rates: RateLimiter) -> None:
         self._permit = permit
         self._rates = rates
         self._finished = False
         self.usage = Usage()  # what the response showed so far; the proxy updates it as it relays
+        self._last_chunk: float | None = None
+        self._gap = 0.0  # EWMA of the time between the answer's chunks (~ the server's time per token)
+
+    def chunk_arrived(self, now: float) -> None:
+        """A chunk of the answer arrived (``now``: any monotonic clock), for the grace of a cut-off request."""
+        last, self._last_chunk = self._last_chunk, now
+        if last is not None:
+            self._gap += 0.3 * (now - last - self._gap)
+
+    @property
+    def grace(self) -> float:
+        return min(MAX_GRACE_SECONDS, max(ABORT_GRACE_SECONDS, GAPS * self._gap))
 
     @property
     def lane(self) -> str:
@@ -76,7 +92,7 @@ class Ticket:
         if result is Result.SUCCESS or not reached_server:
             permit.release(result)
         else:
-            asyncio.get_running_loop().call_later(ABORT_GRACE_SECONDS, permit.release, result)
+            asyncio.get_running_loop().call_later(self.grace, permit.release, result)
 
     def finish_from(self, exc: BaseException | None) -> None:
         if exc is None:

@@ -86,11 +86,12 @@ async def forward(
         meter = UsageMeter(response.content_type)
         try:
             if assembler is not None and 200 <= response.status < 300 and "event-stream" in response.content_type:
-                await _assemble(response, assembler, meter, send, record, t0, extra)
+                assert ticket is not None  # only generation calls are assembled
+                await _assemble(response, assembler, meter, send, record, t0, extra, ticket)
             else:
                 record.streamed = "event-stream" in response.content_type or "ndjson" in response.content_type
                 await send.start(response.status, client_response_headers(response.raw_headers) + extra)
-                await _relay(response.chunks(), send, meter, record, t0)
+                await _relay(response.chunks(), send, meter, record, t0, ticket)
         finally:  # tokens seen so far count, even when the client left mid-stream
             meter.finish()
             record.prompt_tokens, record.completion_tokens = meter.prompt_tokens, meter.completion_tokens
@@ -134,10 +135,13 @@ async def _assemble(
     record: RequestRecord,
     t0: float,
     extra: list[tuple[bytes, bytes]],
+    ticket: Ticket,
 ) -> None:
     async for chunk in response.chunks():
+        now = time.perf_counter()
         if record.ttfb is None:
-            record.ttfb = time.perf_counter() - t0
+            record.ttfb = now - t0
+        ticket.chunk_arrived(now)
         meter.feed(chunk)
         assembler.feed(chunk)
     status, data = assembler.finish()
@@ -148,12 +152,20 @@ async def _assemble(
 
 
 async def _relay(
-    chunks: AsyncIterator[bytes], send: SendTracker, meter: UsageMeter, record: RequestRecord, t0: float
+    chunks: AsyncIterator[bytes],
+    send: SendTracker,
+    meter: UsageMeter,
+    record: RequestRecord,
+    t0: float,
+    ticket: Ticket | None,
 ) -> None:
     try:
         async for chunk in chunks:
+            now = time.perf_counter()
             if record.ttfb is None:
-                record.ttfb = time.perf_counter() - t0
+                record.ttfb = now - t0
+            if ticket is not None:
+                ticket.chunk_arrived(now)
             record.bytes_out += len(chunk)
             meter.feed(chunk)
             await send.body(chunk, more=True)

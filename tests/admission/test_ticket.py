@@ -153,3 +153,19 @@ class _nothing:
 
     def __exit__(self, *args: object) -> None:
         return None
+
+
+async def test_a_slow_server_gets_a_longer_grace_to_notice_the_hang_up(clock: FakeClock) -> None:
+    """llama.cpp notices a closed connection when it next writes a token: at 0.2 s a token, the slot of a cut-off
+    stream stays counted three gaps (0.6 s), not the 0.1 s a fast server needs."""
+    admission, gate, _ = doors()
+    with pytest.raises(ClientDisconnected):
+        async with admission.enter("gpu", "batch", "p") as ticket:
+            for i in range(10):
+                ticket.chunk_arrived(i * 0.2)
+            assert ticket.grace == pytest.approx(0.6, rel=0.05)
+            raise ClientDisconnected()
+    await clock.advance(0.5)
+    assert gate.in_flight == 1
+    await clock.advance(0.15)
+    assert gate.in_flight == 0
