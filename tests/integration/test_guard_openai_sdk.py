@@ -139,7 +139,9 @@ class AttemptLog:
     [
         pytest.param({"profiles.worker.max_queued": 0}, 429, id="429-profile-may-queue-nothing"),
         pytest.param({"lanes.batch.queue_size": 0}, 429, id="429-lane-queue-of-zero"),
-        pytest.param({"lanes.batch.queue_size": 0, "lanes.batch.refusal_status": 503}, 503, id="503-when-the-lane-asks"),
+        pytest.param(
+            {"lanes.batch.queue_size": 0, "lanes.batch.refusal_status": 503}, 503, id="503-when-the-lane-asks"
+        ),
     ],
 )
 async def test_sdk_honours_retry_after_and_its_retry_succeeds(overrides: dict[str, Any], status: int) -> None:
