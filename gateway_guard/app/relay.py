@@ -37,20 +37,30 @@ class UpstreamLoading(UpstreamUnavailable):
 class SendTracker:
     """Knows whether the response has started (after that, an error can only end the stream) and ended."""
 
-    __slots__ = ("_send", "ended", "started")
+    __slots__ = ("_prepared", "_send", "ended", "started")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
         self.ended = False
+        self._prepared: tuple[int, list[tuple[bytes, bytes]]] | None = None
+
+    def prepare(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The status line and headers, sent with the first body bytes: until then the client has seen nothing,
+        so an upstream that dies before its first chunk (llama.cpp sends its headers before the first token)
+        leaves a request that can still go back to its line instead of a stream cut at once."""
+        self._prepared = (status, headers)
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
+        self._prepared = None
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes, *, more: bool) -> None:
         if self.ended:
             return
+        if self._prepared is not None:
+            await self.start(*self._prepared)
         self.ended = not more
         try:
             await self._send({"type": "http.response.body", "body": data, "more_body": more})
@@ -90,7 +100,7 @@ async def forward(
                 await _assemble(response, assembler, meter, send, record, t0, extra, ticket)
             else:
                 record.streamed = "event-stream" in response.content_type or "ndjson" in response.content_type
-                await send.start(response.status, client_response_headers(response.raw_headers) + extra)
+                send.prepare(response.status, client_response_headers(response.raw_headers) + extra)
                 await _relay(response.chunks(), send, meter, record, t0, ticket)
         finally:  # tokens seen so far count, even when the client left mid-stream
             meter.finish()

@@ -105,7 +105,10 @@ def test_six_cards_real_workers_through_the_guard(
     per_profile = {p: sum(1 for c in calls if c[3] == p) for p in PROFILES}
     # Each card: one turn answered with kanban_complete, one after its result; no retries, no errors.
     assert per_profile == {"worker1": 6, "worker2": 6}, calls
-    assert {(status, outcome, lane) for status, outcome, lane, _ in calls} == {("200", "admitted", "batch")}
+    # every call was served; a worker that ends its run as soon as the card is complete may hang up on the last
+    # answer's stream (client_gone, still a 200): not a refusal, not an error
+    assert {(status, lane) for status, _, lane, _ in calls} == {("200", "batch")}
+    assert {outcome for _, outcome, _, _ in calls} <= {"admitted", "client_gone"}
     for task in ids:
         events = {e["kind"] for e in json.loads(board.cli("kanban", "show", task, "--json"))["events"]}
         assert "completed" in events and not events & {"crashed", "blocked", "spawn_failed", "timed_out"}, events

@@ -256,6 +256,9 @@ def test_two_boards_sharing_one_guard_never_overbook(
         other.create(["worker1", "worker2"] * 2)
         with real_guard(tmp_path, upstream, slots=3) as url:
             first = Background(board, url, target="auto", max_running=4)
+            # the second starts once the first runs its loop: two threads entering asyncio.run at the same moment
+            # met "cannot be called from a running event loop" in CI runs (CPython 3.11)
+            wait("the first dispatcher's loop", lambda: bool(first.lines()) or first.code is not None)
             second = Background(other, url, target="auto", max_running=4)
             try:
                 wait("3 running over both boards", lambda: len(board.running()) + len(other.running()) >= 3)
