@@ -6,7 +6,6 @@ so the test decides when a card finishes and reads from the board's own timestam
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
@@ -89,10 +88,6 @@ class Background:
         self.code: ExitCode | None = None
 
         def target() -> None:
-            # CPython 3.11 caches the running loop per thread id in C, and a thread started while another runs
-            # asyncio.run can read a stale entry ("cannot be called from a running event loop", seen once in a
-            # full run): say plainly that this new thread runs no loop before starting one.
-            asyncio.events._set_running_loop(None)
             self.code = run(opts, env=env, out=self.out, err=self.out, until=self._stop.is_set)
 
         self._thread = threading.Thread(target=target, daemon=True)
@@ -238,7 +233,9 @@ def test_a_dead_worker_is_reclaimed_once_its_grace_is_over(
 def test_two_boards_sharing_one_guard_never_overbook(
     board: HermesBoard, hermes_bin: Path, hermes_template: Path, tmp_path: Path, upstream: str
 ) -> None:
-    """Each dispatcher alone would fill all 3 slots; the reservations keep the two together at 3."""
+    """Each dispatcher alone would fill all 3 slots; the reservations keep the two together at 3. Two processes,
+    as in production (two threads each running asyncio.run in one CPython 3.11 process mixed up their running
+    loops in CI runs)."""
     other = HermesBoard(hermes_bin, tmp_path / "other", hermes_template)
     total = {"max": 0}
     stop = threading.Event()
@@ -251,21 +248,35 @@ def test_two_boards_sharing_one_guard_never_overbook(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         board.create(["worker1", "worker2"] * 2)
         other.create(["worker1", "worker2"] * 2)
         with real_guard(tmp_path, upstream, slots=3) as url:
-            first = Background(board, url, target="auto", max_running=4)
-            # the second starts once the first runs its loop: two threads entering asyncio.run at the same moment
-            # met "cannot be called from a running event loop" in CI runs (CPython 3.11)
-            wait("the first dispatcher's loop", lambda: bool(first.lines()) or first.code is not None)
-            second = Background(other, url, target="auto", max_running=4)
             try:
+                for b, log in zip((board, other), logs, strict=True):
+                    with log.open("w") as out:
+                        procs.append(
+                            subprocess.Popen(
+                                [sys.executable, "-m", "gateway_guard.dispatch.cli", "run", "--hermes",
+                                 str(b.hermes), "--guard-url", url, "--target", "auto", "--max-running", "4",
+                                 "--log-json"],
+                                cwd=REPO, env=dict(b.env, GUARD_ADMIN_TOKEN=TOKEN), stdout=out,
+                                stderr=subprocess.STDOUT,
+                            )
+                        )
                 wait("3 running over both boards", lambda: len(board.running()) + len(other.running()) >= 3)
                 time.sleep(3.0)  # both keep watching: neither may start a fourth
             finally:
-                first.stop()
-                second.stop()
+                for proc in procs:
+                    proc.send_signal(signal.SIGTERM)
+                for proc in procs:
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
     finally:
         stop.set()
         sampler.join(5)
@@ -273,8 +284,12 @@ def test_two_boards_sharing_one_guard_never_overbook(
         board.release_all()
         wait("both boards idle", lambda: not board.running() and not other.running())
         other.close()
-    assert total["max"] == 3
-    assert all(d.get("reserved", 0) == d["spawned"] for d in first.lines("dispatch") + second.lines("dispatch"))
+    assert total["max"] == 3, [log.read_text()[-2000:] for log in logs]
+    dispatches = [
+        line for log in logs for raw in log.read_text().splitlines() if raw.startswith("{")
+        if (line := json.loads(raw)).get("event") == "dispatch"
+    ]
+    assert dispatches and all(d.get("reserved", 0) == d["spawned"] for d in dispatches), dispatches
 
 
 def test_sigterm_stops_at_once_and_leaves_no_orphan_and_no_lock(
