@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import GUARD_BIN, _hermetic_env, prometheus
-from tests.support.llamacpp import REPO_ROOT, ServerStartError, free_port, sim_server
+from tests.support.llamacpp import REPO_ROOT, free_port, sim_server, stop_process, wait_healthy
 from tests.support.redis import RedisServer
 
 CAP = 2
@@ -83,26 +83,10 @@ def guard(config_path: Path, *extra: str) -> Iterator[Guard]:
         )
         g = Guard(proc, url, log)
         try:
-            deadline = time.monotonic() + 30
-            with httpx.Client(timeout=2.0) as client:
-                while True:
-                    if proc.poll() is not None:
-                        raise ServerStartError(f"gateway-guard exited with {proc.returncode}:\n{g.tail()}")
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get(f"{url}/guard/health").status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise ServerStartError(f"{url} not healthy after 30 s:\n{g.tail()}")
-                    time.sleep(0.05)  # polling a foreign process: there is no event to wait on
+            wait_healthy(proc, f"{url}/guard/health", 30, g.tail)
             yield g
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, grace=10)
 
 
 @contextlib.contextmanager

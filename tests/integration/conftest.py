@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from gateway_guard.app.factory import build_app
 from gateway_guard.app.state import GuardState
 from gateway_guard.settings import Settings, load_settings
 from tests.support.inprocess import serve_in_process
-from tests.support.llamacpp import REPO_ROOT, ServerStartError, free_port
+from tests.support.llamacpp import REPO_ROOT, free_port, stop_process, wait_healthy
 
 T = TypeVar("T")
 GUARD_BIN = Path(sys.executable).with_name("gateway-guard")
@@ -62,26 +61,10 @@ def guard_process(
             [*argv, *extra], cwd=REPO_ROOT, env=_hermetic_env(), stdout=log, stderr=subprocess.STDOUT
         )
         try:
-            deadline = time.monotonic() + startup_timeout
-            with httpx.Client(timeout=2.0) as client:
-                while True:
-                    if proc.poll() is not None:
-                        raise ServerStartError(f"gateway-guard exited with {proc.returncode}:\n{_tail(log)}")
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get(f"{url}/guard/health").status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise ServerStartError(f"{url}/guard/health not 200 after {startup_timeout} s:\n{_tail(log)}")
-                    time.sleep(0.05)  # polling a foreign process: there is no event to wait on
+            wait_healthy(proc, f"{url}/guard/health", startup_timeout, lambda: _tail(log))
             yield url
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 # -- the guard in this loop ---------------------------------------------------------------------------------

@@ -12,11 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.llamacpp import REPO_ROOT, ServerStartError, free_port
+from tests.support.llamacpp import REPO_ROOT, free_port, stop_process, wait_healthy
 
 GUARD_BIN = Path(sys.executable).with_name("gateway-guard")
 OK_BODY = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
@@ -181,25 +179,10 @@ def edge_guard(
             )
         guard = Guard(f"http://127.0.0.1:{port}", port, proc, log_path)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise ServerStartError(f"gateway-guard exited with {proc.returncode}:\n{guard.log()[-3000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{guard.url}/guard/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise ServerStartError(f"guard not healthy after {startup_timeout} s:\n{guard.log()[-3000:]}")
-                time.sleep(0.05)  # polling a foreign process: no event to wait on
+            wait_healthy(proc, f"{guard.url}/guard/health", startup_timeout, lambda: guard.log()[-3000:])
             yield guard
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
             guard.final_log = log_path.read_text(errors="replace")
 
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -203,26 +203,37 @@ def server_process(argv: Sequence[str], base_url: str, *, startup_timeout: float
             _wait_healthy(proc, base_url, startup_timeout, log)
             yield base_url
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, timeout: float, log: IO[bytes]) -> None:
+    wait_healthy(proc, f"{base_url}/health", timeout, lambda: _log_tail(log))
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, tail: Callable[[], str]) -> None:
+    """Until ``GET url`` answers 200; ``ServerStartError`` with ``tail()`` (its log) if the process exits first
+    or ``timeout`` s pass. Polls: it is another process, there is no event to wait on."""
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ServerStartError(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
+                raise ServerStartError(f"{proc.args!r} exited with {proc.returncode}:\n{tail()}")
             with contextlib.suppress(httpx.TransportError):
-                if client.get(f"{base_url}/health").status_code == 200:
+                if client.get(url).status_code == 200:
                     return
-            time.sleep(0.05)  # polling a foreign process: there is no event to wait on
-    raise ServerStartError(f"{base_url}/health not 200 after {timeout} s:\n{_log_tail(log)}")
+            time.sleep(0.05)
+    raise ServerStartError(f"{url} not 200 after {timeout} s:\n{tail()}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """This process only, by its PID: SIGTERM, then SIGKILL after ``grace`` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,17 @@ from typing import IO, Any
 
 import httpx
 
-from tests.support.llamacpp import HOST, REPO_ROOT, SIZES, ServerStartError, _wait_healthy, ensure_model, free_port
+from tests.support.llamacpp import (
+    HOST,
+    REPO_ROOT,
+    SIZES,
+    ServerStartError,
+    _wait_healthy,
+    ensure_model,
+    free_port,
+    stop_process,
+    wait_healthy,
+)
 
 LLAMACPP_SCRIPT = Path(__file__).resolve().with_name("llamacpp.py")
 GUARD_BIN = Path(sys.executable).with_name("gateway-guard")
@@ -151,27 +161,10 @@ def guard_with_config(config: Path, log: Path, *, startup_timeout: float = 30.0)
             stderr=out,
         )
         try:
-            deadline = time.monotonic() + startup_timeout
-            with httpx.Client(timeout=2.0) as client:
-                while True:
-                    if proc.poll() is not None:
-                        tail = log.read_text()[-3000:]
-                        raise ServerStartError(f"gateway-guard exited with {proc.returncode}: {tail}")
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get(f"{url}/guard/health").status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise ServerStartError(f"{url}/guard/health not 200 after {startup_timeout} s")
-                    time.sleep(0.05)  # polling a foreign process: there is no event to wait on
+            wait_healthy(proc, f"{url}/guard/health", startup_timeout, lambda: log.read_text()[-3000:])
             yield url, proc.pid
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, grace=10)
 
 
 def rss_kib(pid: int) -> int:
