@@ -96,18 +96,7 @@ async def metrics(request: Request) -> Response:
     if token and not bearer_is(token, request.headers.get("authorization")):
         error = Unauthorized("/metrics needs the metrics token: send 'Authorization: Bearer <server.metrics_token>'")
         return Response(error.body(), 401, {"www-authenticate": "Bearer"}, media_type="application/json")
-    return Response(await _render_once(request), media_type=METRICS_CONTENT_TYPE)
-
-
-async def _render_once(request: Request) -> bytes:
-    """Scrapes that arrive while a rendering is under way share it (a scrape flood costs one rendering at a
-    time, not one each); a scrape after it has finished gets a fresh one."""
-    pending: asyncio.Future[bytes] | None = getattr(request.app.state, "metrics_rendering", None)
-    if pending is None:
-        pending = asyncio.ensure_future(_state(request).telemetry.metrics())
-        request.app.state.metrics_rendering = pending
-        pending.add_done_callback(lambda _: setattr(request.app.state, "metrics_rendering", None))
-    return await asyncio.shield(pending)
+    return Response(await _state(request).telemetry.metrics(), media_type=METRICS_CONTENT_TYPE)
 
 
 async def ready(request: Request) -> Response:
