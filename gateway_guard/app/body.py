@@ -36,19 +36,27 @@ def parse_json(body: bytes) -> Any:
 
 def model_of(method: str, path: str, body: bytes, content_type: str) -> str | None:
     """The model a request names: ``GET /v1/models/<id>``, or ``"model"`` in a JSON POST body (checked whole)."""
+    return read_request(method, path, body, content_type)[0]
+
+
+def read_request(
+    method: str, path: str, body: bytes, content_type: str
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The model a request names and, for a JSON POST, its body parsed once (the relay reads it again for
+    ``stream``): ``(model, payload)``."""
     if method == "GET" and path.startswith("/v1/models/"):
-        return path.removeprefix("/v1/models/") or None
+        return path.removeprefix("/v1/models/") or None, None
     if method != "POST" or not body:
-        return None
+        return None, None
     if content_type and "json" not in content_type:
-        return None
+        return None, None
     payload = parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidJSON("request body must be a JSON object")
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise ClientError("'model' must be a string")
-    return model
+    return model, payload
 
 
 def _no_constant(name: str) -> Any:

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
+from typing import Any
 
 from gateway_guard.admission.budget import estimate_prompt_tokens
 from gateway_guard.app.asgi import (
@@ -26,7 +27,7 @@ from gateway_guard.app.asgi import (
     read_body,
     send_error,
 )
-from gateway_guard.app.body import model_of
+from gateway_guard.app.body import read_request
 from gateway_guard.app.paths import encoded, is_admin_only, is_proxied, needs_permit, request_path
 from gateway_guard.app.relay import SendTracker, UpstreamLoading, forward
 from gateway_guard.app.state import GuardState
@@ -109,7 +110,7 @@ class ProxyHandler:
         if is_admin_only(cls.path) and not is_admin(state.settings.server.admin_token, hmap):
             raise Forbidden(f"{cls.path} changes the upstream's models and needs the guard's admin token")
         body = await read_body(receive, state.settings.server.max_body_bytes, hmap.get("content-length"))
-        record.model = model_of(scope["method"], cls.path, body, hmap.get("content-type", ""))
+        record.model, payload = read_request(scope["method"], cls.path, body, hmap.get("content-type", ""))
         upstream = state.upstreams[state.classifier.upstream_for(cls.profile, record.model)]
         record.upstream = upstream.name
         with DisconnectWatch(receive):
@@ -117,14 +118,15 @@ class ProxyHandler:
                 await forward(state.telemetry, scope, upstream, headers, body, send, record, None)
                 return
             record.queue_entered = time.perf_counter()
-            await self._admitted(scope, upstream, headers, body, send, record, estimate_prompt_tokens(body))
+            prompt = estimate_prompt_tokens(body)
+            await self._admitted(scope, upstream, headers, (body, payload), send, record, prompt)
 
     async def _admitted(
         self,
         scope: Scope,
         upstream: Upstream,
         headers: list[tuple[str, str]],
-        body: bytes,
+        request: tuple[bytes, dict[str, Any] | None],
         send: SendTracker,
         record: RequestRecord,
         prompt: int,
@@ -134,6 +136,7 @@ class ProxyHandler:
         back -- the gate is held meanwhile -- and is sent again only when the server never worked on it or is
         gone (a restart loses what it was doing)."""
         state = self.state
+        body, payload = request  # the bytes and, for a JSON POST, the same parsed (app/body.py)
         prober = state.probers[upstream.name]
         lane, profile = record.lane or "", record.profile or ""
         since: float | None = None
@@ -144,7 +147,7 @@ class ProxyHandler:
                     record.queue_wait = t.queue_wait
                     record.outcome = Outcome.ADMITTED
                     try:
-                        await forward(state.telemetry, scope, upstream, headers, body, send, record, t)
+                        await forward(state.telemetry, scope, upstream, headers, body, send, record, t, payload)
                     except UpstreamError as exc:  # the connection was lost: a restart, or a broken server?
                         if not _lost(exc) or send.started or not await _went_away(prober):
                             raise

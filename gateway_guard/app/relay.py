@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from gateway_guard.admission.ticket import Ticket, Usage
 from gateway_guard.app.asgi import ClientDisconnected, Scope, Send
@@ -77,15 +78,17 @@ async def forward(
     send: SendTracker,
     record: RequestRecord,
     ticket: Ticket | None,
+    payload: dict[str, Any] | None = None,
 ) -> None:
-    """Send the request and relay the answer; ``ticket``: a generation call holding a slot (else metadata)."""
+    """Send the request and relay the answer; ``ticket``: a generation call holding a slot (else metadata);
+    ``payload``: the JSON body as the proxy parsed it (for a non-streamed completion asked as a stream)."""
     t0 = record.upstream_started = time.perf_counter()
     headers = telemetry.upstream_headers(record, headers)  # the guard's traceparent when tracing
     assembler: Assembler | None = None
-    if ticket is not None and scope["method"] == "POST":
-        converted = _as_stream(record.path, body)
-        if converted is not None:
-            body, assembler = converted, Assembler(record.path, upstream=upstream.name)
+    converted = None if ticket is None or payload is None else to_stream_request(record.path, payload)
+    if converted is not None:
+        body = json.dumps(converted, separators=(",", ":")).encode()
+        assembler = Assembler(record.path, upstream=upstream.name)
     response = await upstream.send(scope["method"], record.path, scope["query_string"], headers, body)
     try:
         record.status = response.status
@@ -110,17 +113,6 @@ async def forward(
         await send.body(b"", more=False)
     finally:
         await response.aclose()  # closes the upstream connection if unfinished: the server frees its slot
-
-
-def _as_stream(path: str, body: bytes) -> bytes | None:
-    if b'"stream"' in body and b'"stream":true' in body.replace(b" ", b""):
-        return None  # already a stream: no need to parse
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    converted = to_stream_request(path, payload)
-    return None if converted is None else json.dumps(converted, separators=(",", ":")).encode()
 
 
 async def _not_ready(response: UpstreamResponse, upstream: Upstream, send: SendTracker, record: RequestRecord) -> None:
