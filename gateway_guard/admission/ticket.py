@@ -11,7 +11,10 @@ estimate, and releases the slot. Leaving the ``async with`` without ``finish`` f
   ``IGNORED`` (client) or ``DROPPED`` (upstream), released a grace later, so the cap holds as the server sees
   it while the server notices the closed connection. llama.cpp notices when it next writes a token, so the grace
   is ``ABORT_GRACE_SECONDS`` or three of the request's own gaps between chunks, whichever is longer (a loaded
-  server decodes slower), at most ``MAX_GRACE_SECONDS``. The timer always fires: no permit leaks.
+  server decodes slower), at most ``MAX_GRACE_SECONDS``. Cut off before its first chunk, the server is still
+  reading the prompt and writes nothing until it is read: the grace is then what is left of the time this
+  upstream is expected to take to a first chunk for a prompt this long (``first_chunk.py``), at most
+  ``MAX_FIRST_CHUNK_GRACE_SECONDS``. The timer always fires: no permit leaks.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from gateway_guard.admission.first_chunk import FirstChunkEstimate
 from gateway_guard.admission.gate import AdmissionGate, Permit
 from gateway_guard.admission.policy import Result
 from gateway_guard.admission.rate import RateLimiter
@@ -31,6 +35,7 @@ from gateway_guard.errors import UpstreamError, UpstreamUnavailable
 # streamed request's slot ~20 ms after its client goes away).
 ABORT_GRACE_SECONDS = 0.1
 MAX_GRACE_SECONDS = 2.0
+MAX_FIRST_CHUNK_GRACE_SECONDS = 60.0  # a prompt the server reads for longer than this frees its slot earlier
 GAPS = 3.0  # chunk gaps the server may take to notice a closed connection
 
 
@@ -43,24 +48,49 @@ class Usage:
 
 
 class Ticket:
-    __slots__ = ("_finished", "_gap", "_last_chunk", "_permit", "_rates", "usage")
+    __slots__ = (
+        "_admitted",
+        "_finished",
+        "_first_chunk",
+        "_gap",
+        "_last_chunk",
+        "_loop",
+        "_permit",
+        "_prompt_tokens",
+        "_rates",
+        "usage",
+    )
 
-    def __init__(self, permit: Permit, rates: RateLimiter) -> None:
+    def __init__(
+        self, permit: Permit, rates: RateLimiter, first_chunk: FirstChunkEstimate | None = None, prompt_tokens: int = 0
+    ) -> None:
         self._permit = permit
         self._rates = rates
         self._finished = False
         self.usage = Usage()  # what the response showed so far; the proxy updates it as it relays
+        self._loop = asyncio.get_running_loop()
+        self._admitted = self._loop.time()
+        self._first_chunk = first_chunk or FirstChunkEstimate()
+        self._prompt_tokens = prompt_tokens
         self._last_chunk: float | None = None
         self._gap = 0.0  # EWMA of the time between the answer's chunks (~ the server's time per token)
 
-    def chunk_arrived(self, now: float) -> None:
-        """A chunk of the answer arrived (``now``: any monotonic clock), for the grace of a cut-off request."""
+    def chunk_arrived(self) -> None:
+        """A chunk of the answer arrived: teaches the upstream's time to a first chunk, and the gaps between chunks,
+        for the grace of a cut-off request."""
+        now = self._loop.time()
         last, self._last_chunk = self._last_chunk, now
-        if last is not None:
+        if last is None:
+            self._first_chunk.observe(self._prompt_tokens, now - self._admitted)
+        else:
             self._gap += 0.3 * (now - last - self._gap)
 
     @property
     def grace(self) -> float:
+        """How long the server may still hold this request's slot after the guard closed its connection."""
+        if self._last_chunk is None:  # still reading the prompt: it notices once it is read
+            left = self._first_chunk.expected(self._prompt_tokens) - (self._loop.time() - self._admitted)
+            return min(MAX_FIRST_CHUNK_GRACE_SECONDS, max(ABORT_GRACE_SECONDS, left + ABORT_GRACE_SECONDS))
         return min(MAX_GRACE_SECONDS, max(ABORT_GRACE_SECONDS, GAPS * self._gap))
 
     @property
@@ -114,6 +144,7 @@ class Admission:
         self.gates = gates
         self.rates = rates
         self.reservations = reservations
+        self.first_chunk: dict[str, FirstChunkEstimate] = {}  # per upstream, learnt from its requests
 
     @asynccontextmanager
     async def enter(
@@ -128,7 +159,10 @@ class Admission:
             permit = await self._admit(gate, lane, profile, prompt_tokens)
         if self.reservations is not None:  # a dispatcher booked this slot for this profile's worker
             self.reservations.consume(upstream, profile)
-        ticket = Ticket(permit, self.rates)
+        first_chunk = self.first_chunk.get(upstream)
+        if first_chunk is None:
+            first_chunk = self.first_chunk[upstream] = FirstChunkEstimate()
+        ticket = Ticket(permit, self.rates, first_chunk, prompt_tokens)
         try:
             yield ticket
         except BaseException as exc:

@@ -143,7 +143,7 @@ async def _assemble(
         now = time.perf_counter()
         if record.ttfb is None:
             record.ttfb = now - t0
-        ticket.chunk_arrived(now)
+        ticket.chunk_arrived()
         meter.feed(chunk)
         assembler.feed(chunk)
     status, data = assembler.finish()
@@ -167,7 +167,7 @@ async def _relay(
             if record.ttfb is None:
                 record.ttfb = now - t0
             if ticket is not None:
-                ticket.chunk_arrived(now)
+                ticket.chunk_arrived()
             record.bytes_out += len(chunk)
             meter.feed(chunk)
             await send.body(chunk, more=True)

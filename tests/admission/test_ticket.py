@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
+from gateway_guard.admission.first_chunk import DECAY, MARGIN, UNLEARNT_SECONDS, FirstChunkEstimate
 from gateway_guard.admission.gate import Gate, LanePolicy
 from gateway_guard.admission.limit import FixedLimit, LimitChange
 from gateway_guard.admission.policy import RatePolicy, Result
 from gateway_guard.admission.rate import RateLimiter
-from gateway_guard.admission.ticket import ABORT_GRACE_SECONDS, Admission, Usage
+from gateway_guard.admission.ticket import ABORT_GRACE_SECONDS, MAX_FIRST_CHUNK_GRACE_SECONDS, Admission, Usage
 from gateway_guard.app.asgi import ClientDisconnected
 from gateway_guard.errors import DeadlineExceeded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway_guard.upstream.saturation import Saturation
@@ -73,6 +74,7 @@ async def test_every_way_out_releases_once_with_its_result(
         async with admission.enter("gpu", "batch", "p") as ticket:
             assert gate.in_flight == 1
             ticket.usage = Usage(10, 5)
+            ticket.chunk_arrived()  # the answer had begun (before it, see the first-chunk tests below)
             if exc is not None:
                 raise exc
     if grace:  # cut off after reaching the server: the slot is the server's a moment longer
@@ -161,11 +163,73 @@ async def test_a_slow_server_gets_a_longer_grace_to_notice_the_hang_up(clock: Fa
     admission, gate, _ = doors()
     with pytest.raises(ClientDisconnected):
         async with admission.enter("gpu", "batch", "p") as ticket:
-            for i in range(10):
-                ticket.chunk_arrived(i * 0.2)
+            for _ in range(10):
+                await clock.advance(0.2)
+                ticket.chunk_arrived()
             assert ticket.grace == pytest.approx(0.6, rel=0.05)
             raise ClientDisconnected()
     await clock.advance(0.5)
     assert gate.in_flight == 1
     await clock.advance(0.15)
     assert gate.in_flight == 0
+
+
+async def test_cut_off_before_its_first_chunk_the_slot_stays_while_the_prompt_is_expected_to_be_read(
+    clock: FakeClock,
+) -> None:
+    """llama.cpp reads the whole prompt before it notices a closed connection (5.8 s after a hang-up during a
+    2,700-token prompt, measured): the permit stays for what is left of this upstream's learnt time to a first
+    chunk for a prompt this long, not the 0.1 s of a request that was already answering."""
+    admission, gate, _ = doors()
+    async with admission.enter("gpu", "batch", "p", prompt_tokens=1000) as ticket:  # teaches: 2 ms a token
+        await clock.advance(2.0)
+        ticket.chunk_arrived()
+    assert gate.in_flight == 0
+    with pytest.raises(ClientDisconnected):
+        async with admission.enter("gpu", "batch", "p", prompt_tokens=1000):
+            await clock.advance(0.5)  # the client leaves while the server still reads its prompt
+            raise ClientDisconnected()
+    await clock.advance(MARGIN * 2.0 - 0.5)  # 2.0 s learnt (with its margin) from admission: still reading
+    assert gate.in_flight == 1
+    await clock.advance(ABORT_GRACE_SECONDS + 0.05)
+    assert gate.in_flight == 0
+
+
+async def test_before_anything_is_learnt_a_cut_off_before_the_first_chunk_keeps_its_slot_a_while(
+    clock: FakeClock,
+) -> None:
+    admission, gate, _ = doors()
+    with pytest.raises(ClientDisconnected):
+        async with admission.enter("gpu", "batch", "p", prompt_tokens=50_000):
+            raise ClientDisconnected()
+    await clock.advance(UNLEARNT_SECONDS)
+    assert gate.in_flight == 1
+    await clock.advance(ABORT_GRACE_SECONDS + 0.05)
+    assert gate.in_flight == 0
+
+
+async def test_a_prompt_longer_than_any_grace_frees_its_slot_at_the_bound(clock: FakeClock) -> None:
+    admission, gate, _ = doors()
+    async with admission.enter("gpu", "batch", "p", prompt_tokens=100) as ticket:  # 1 s a token
+        await clock.advance(100)
+        ticket.chunk_arrived()
+    with pytest.raises(ClientDisconnected):
+        async with admission.enter("gpu", "batch", "p", prompt_tokens=100_000):
+            raise ClientDisconnected()
+    await clock.advance(MAX_FIRST_CHUNK_GRACE_SECONDS - 0.1)
+    assert gate.in_flight == 1
+    await clock.advance(0.2)
+    assert gate.in_flight == 0  # bounded: the timer always fires
+
+
+def test_the_first_chunk_estimate_holds_its_peak_and_decays_slowly() -> None:
+    """A cached prompt prefix answers early; following it down would free an uncached request's slot early."""
+    estimate = FirstChunkEstimate()
+    estimate.observe(1000, 2.0)
+    estimate.observe(1000, 0.01)  # a cached prefix
+    assert estimate.expected(1000) == pytest.approx(MARGIN * 2.0 * DECAY)
+    estimate.observe(1000, 3.0)
+    assert estimate.expected(1000) == pytest.approx(MARGIN * 3.0)
+    assert estimate.expected(10) == estimate.expected(64)  # a short prompt is the server's fixed latency
+    estimate.observe(10, -1.0)  # a clock that went back teaches nothing
+    assert estimate.expected(1000) == pytest.approx(MARGIN * 3.0)
