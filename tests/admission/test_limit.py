@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 
+from gateway_guard.admission.first_chunk import UNLEARNT_SECONDS
 from gateway_guard.admission.gate import Gate, LanePolicy
 from gateway_guard.admission.limit import HISTORY, AdaptiveLimit, FixedLimit, Saturation
 from gateway_guard.admission.policy import Result
@@ -286,7 +287,7 @@ async def test_only_an_upstream_failure_counts_as_a_drop(clock: FakeClock) -> No
         with contextlib.suppress(Exception):
             async with admission.enter("gpu", "batch", "p"):
                 raise error
-        await clock.advance(1.1)
+        await clock.advance(UNLEARNT_SECONDS + 0.2)  # cut before a first chunk: the slot's grace has passed
     assert [c.limit for c in limit.history] == [8, 7]
     assert "timeout" in limit.reason
 
