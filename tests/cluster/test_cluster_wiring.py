@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -74,7 +76,13 @@ async def test_a_guard_with_cluster_admits_through_leases(shared_redis: RedisSer
                 assert cluster["mode"] == "shared" and cluster["replica"] == state.cluster.replica
                 assert 'gateway_guard_cluster_shared{upstream="default"} 1.0' in metrics
                 leases = f"{prefix_for('default', upstream_name)}:leases"
-                assert await redis.zcard(leases) == 0  # released (the release runs just after the response)
+                # released just after the response: to the replica's pool (still a lease in Redis), which gives it
+                # back to Redis when no request comes for it (keep_idle)
+                assert gate.status.held == 0 and await redis.zcard(leases) == gate.status.idle <= 1
+                async with asyncio.timeout(10):
+                    while await redis.zcard(leases):
+                        await asyncio.sleep(0.02)  # polling the server's state: no event to wait on
+                assert gate.status.idle == 0
             finally:
                 await redis.aclose()
 

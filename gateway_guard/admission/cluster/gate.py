@@ -10,7 +10,10 @@ A request passes two steps:
    another replica (``YIELD``, from the demand replicas publish), stands in the way; a lane or profile at its
    cluster-wide cap skips to the next request. Waiters wake on the release channel, or on a jittered poll.
 
-The lease is held as long as the permit, renewed every lease/3 (``keeper``), and released with the permit.
+The lease is held as long as the permit, renewed every lease/3 (``keeper``). When the permit is released, the
+lease goes to the replica's pool (``pool.py``) while no other replica waits: the next local request of the same
+lane and profile takes it with no call to Redis; else (or when nobody takes it soon) it goes back to Redis with the
+pump's next round trip.
 
 **When Redis is gone** (an error or timeout of any call) or quiet after a restart, the replica falls back: it
 keeps the requests it holds and may replace one that ends, never add one (``link.py``), logs it and shows it in
@@ -22,6 +25,7 @@ and starts a quiet period of one lease so that the others do the same before any
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -34,6 +38,7 @@ from redis.exceptions import RedisError
 from gateway_guard.admission.budget import TokenBudget
 from gateway_guard.admission.cluster import scripts
 from gateway_guard.admission.cluster.link import FALLBACK, GONE, QUIET, SHARED, ClusterStatus, Link, wait_for_event
+from gateway_guard.admission.cluster.pool import LeasePool
 from gateway_guard.admission.cluster.share import ShareLimit
 from gateway_guard.admission.cluster.store import Ask, Lease, LeaseStore
 from gateway_guard.admission.gate import Gate, GateSnapshot, Permit, SlotView
@@ -72,7 +77,10 @@ class ClusterGate:
         aging_seconds: float = 10.0,
         default_profile_policy: ProfilePolicy | None = None,
         budget: TokenBudget | None = None,
+        keep_idle: float | None = None,
     ) -> None:
+        """``keep_idle``: how long a released lease waits in the pool for a local taker (default: half the poll,
+        1/20 of a lease at most 0.125 s); 0 sends every lease back to Redis at once."""
         self.name = name
         self._cap = limit
         self._share = ShareLimit(limit)
@@ -92,6 +100,9 @@ class ClusterGate:
         lease_s = store.lease_ms / 1000
         self._poll = min(0.25, lease_s / 10)  # the fallback to the release channel
         self._demand_ttl_ms = max(1000, round(self._poll * 8000))
+        self._pool = LeasePool(self._poll / 2 if keep_idle is None else keep_idle)
+        self._me = store.replica.encode()
+        self._cap_seen = limit.limit
         self._wants: list[_Want] = []
         self._held: dict[str, Lease] = {}
         self._releasing: list[Lease] = []  # given back, to be sent with the next round trip
@@ -108,10 +119,13 @@ class ClusterGate:
             self._held,
             queued=self._queued,
             unsent=lambda: len(self._releasing),
+            idle=lambda: len(self._pool),
             kick=self._kick,
+            heard=self._heard,
             changed=self._changed,
         )
         self._local.watch(self._changed)
+        self._share.subscribe(self._limit_changed)
 
     # -- the AdmissionGate surface ------------------------------------------------------------------------------
 
@@ -125,7 +139,7 @@ class ClusterGate:
 
     @property
     def in_flight(self) -> int:
-        return len(self._held)
+        return len(self._held) - len(self._pool)
 
     @property
     def budget(self) -> TokenBudget | None:
@@ -178,11 +192,13 @@ class ClusterGate:
         self.start()
         started = loop.time() if since is None else since
         inner = await self._local.acquire(lane, profile, max_wait=max_wait, prompt_tokens=prompt_tokens, since=since)
-        try:
-            lease = await self._lease(policy, profile, started, started + wait)
-        except BaseException:
-            inner.release(Result.IGNORED)
-            raise
+        lease = self._from_pool(policy, profile)
+        if lease is None:
+            try:
+                lease = await self._lease(policy, profile, started, started + wait)
+            except BaseException:
+                inner.release(Result.IGNORED)
+                raise
         now = loop.time()
         inner.acquired_at = now  # the slot is held from the lease on: that is what the hold time measures
         return Permit(
@@ -204,7 +220,7 @@ class ClusterGate:
         for want in self._wants:
             waiting[want.lane.name] = waiting.get(want.lane.name, 0) + 1
             waiting_profiles[want.profile] = waiting_profiles.get(want.profile, 0) + 1
-        in_flight = max(self._link.counts.total, self._link.total, len(self._held))
+        in_flight = max(self._link.counts.total, self._link.total, len(self._held)) - len(self._pool)
         me = self._store.replica
         queued = local.queued + len(self._wants) + sum(n for r, n in self._link.counts.queued.items() if r != me)
         open_slots = max(0, limit - in_flight)
@@ -269,6 +285,11 @@ class ClusterGate:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=0.5)
+        self._unpool(self._pool.drain())
+        releases, self._releasing = self._releasing, []
+        if releases and self._link.mode == SHARED:  # no request on them: back now (else they expire in a lease)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(self._store.sync(releases, [], cap=0, aging_ms=1), 1.0)
         self._loop = None
 
     # -- step 2: leases -----------------------------------------------------------------------------------------
@@ -307,23 +328,29 @@ class ClusterGate:
         return sorted((w for w in self._wants if not w.future.done()), key=lambda w: self._rank(w, now))
 
     async def _pump(self) -> None:
+        assert self._loop is not None
         while not self._link.closed:
-            await wait_for_event(self._wake, self._poll * random.uniform(0.5, 1.5) if self._wants else None)
+            timed = self._wants or self._held  # held: a pooled lease may go stale, another replica may wait
+            await wait_for_event(self._wake, self._poll * random.uniform(0.5, 1.5) if timed else None)
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
                 if self._link.mode == FALLBACK:
+                    self._unpool(self._pool.drain())
                     await self._grant_in_fallback()
                 else:
-                    await self._sync()
+                    self._unpool(self._pool.stale(self._loop.time()))
+                    # a pool kept this long: ask whether another replica waits (a lost message is found so)
+                    await self._sync(peek=not woken and bool(self._pool))
             except Exception:  # the pump must outlive anything: a request waits on it
                 log.exception("upstream %s: the shared gate's pump failed; retrying", self.name)
 
-    async def _sync(self) -> None:
+    async def _sync(self, *, peek: bool = False) -> None:
         """One round trip: the leases given back since the last one, then the best-ranked waiters (up to BATCH)."""
         assert self._loop is not None
         releases, self._releasing = self._releasing, []
         pending = self._pending()[:BATCH]
-        if not pending and not releases:
+        if not pending and not releases and not peek:
             if self._demand:
                 self._demand = False
                 await self._store.clear_demand()
@@ -341,6 +368,7 @@ class ClusterGate:
             )
             for want in pending
         ]
+        heard = self._pool.heard
         try:
             synced = await self._store.sync(
                 releases, asks, cap=cap, aging_ms=round(self._aging * 1000), demand_ttl_ms=self._demand_ttl_ms
@@ -354,6 +382,9 @@ class ClusterGate:
         if synced.codes and synced.codes[-1] == scripts.QUIET:
             self._link.fall_back(QUIET)  # first: a quiet server's view is partial, it must not replace ours
         self._link.observe(synced.view)
+        self._pool.demand_seen(synced.others, heard)
+        if self._pool.others_waiting and self._pool:
+            self._send_back(*self._pool.drain())
         for want, ask, code in zip(pending, asks, synced.codes, strict=False):
             if code != scripts.OK:
                 continue
@@ -392,12 +423,60 @@ class ClusterGate:
         self._give_back(lease)
 
     def _give_back(self, lease: Lease) -> None:
-        """The lease goes back with the pump's next round trip (with the next grants); if Redis is gone by then
-        it expires within one lease: the keeper no longer renews it."""
-        if self._held.pop(lease.member, None) is None:
+        """A lease without a request: to the best local waiter if it is of the same lane and profile, else to
+        the pool while nobody else could use it, else back to Redis (``_send_back``)."""
+        if lease.member not in self._held:
             return
-        self._releasing.append(lease)
-        self._kick()
+        if self._pooling():
+            assert self._loop is not None
+            pending = self._pending()
+            if not pending:
+                self._pool.put(lease, self._loop.time())
+                return
+            best = pending[0]
+            if best.lane.name == lease.lane and best.profile == lease.profile:
+                best.future.set_result(lease)
+                return
+        self._send_back(lease)
+
+    def _send_back(self, *leases: Lease) -> None:
+        """The leases go back with the pump's next round trip (with the next grants); if Redis is gone by then
+        they expire within one lease: the keeper no longer renews them."""
+        self._unpool(leases)
+        if leases:
+            self._kick()
+
+    def _unpool(self, leases: Iterable[Lease]) -> None:
+        for lease in leases:
+            if self._held.pop(lease.member, None) is not None:
+                self._releasing.append(lease)
+
+    def _pooling(self) -> bool:
+        return self._pool.open and self._link.mode == SHARED and not self._link.closed
+
+    def _from_pool(self, lane: LanePolicy, profile: str) -> Lease | None:
+        """A pooled lease for this request, when nobody waits ahead of it here or at another replica."""
+        if not self._pool or not self._pooling() or any(not w.future.done() for w in self._wants):
+            return None
+        lease = self._pool.take(lane.name, profile)
+        if lease is None:  # counted under another lane or profile in Redis: this request asks for its own
+            self._send_back(*self._pool.drain())
+        return lease
+
+    def _heard(self, data: bytes) -> None:
+        """A message on the release channel: another replica's new demand (``?<replica>``), or a release."""
+        if data[:1] == b"?":
+            if data[1:] != self._me:
+                self._pool.demand_heard()
+                self._send_back(*self._pool.drain())
+        elif data != self._me and any(not w.future.done() for w in self._wants):
+            self._kick()  # our own releases went with our own asks: nothing to wake for
+
+    def _limit_changed(self, limit: int) -> None:
+        """A lower cap: pooled leases may be over it; they go back, and Redis decides again."""
+        if limit < self._cap_seen:
+            self._send_back(*self._pool.drain())
+        self._cap_seen = limit
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
@@ -405,7 +484,11 @@ class ClusterGate:
         return self._local.snapshot().queued + len(self._wants)
 
     def _held_in(self, key: str, value: str) -> int:
-        return sum(1 for lease in self._held.values() if (lease.lane if key == "lane" else lease.profile) == value)
+        return sum(
+            1
+            for lease in self._held.values()
+            if (lease.lane if key == "lane" else lease.profile) == value and lease.member not in self._pool
+        )
 
     def _kick(self) -> None:
         self._wake.set()

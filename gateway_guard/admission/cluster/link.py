@@ -2,7 +2,8 @@
 
 * ``keep()`` renews every lease the replica holds every lease/3 (upserts: a lease Redis lost comes back, never
   twice), beats its heart, and reads the cluster-wide counts; in fallback it retries every half second at most.
-* ``listen()`` turns each published release into a wake-up of the gate's pump.
+* ``listen()`` hands each message of the release channel to the gate (``heard``): another replica's release, or
+  its new demand.
 * ``fall_back(reason)`` restricts the local gate to what the replica holds at that moment (it may replace a
   request that ends, not add one), logs it once, and marks the replica *recovering* if Redis was gone: its
   first renewal back starts a quiet period, so that no replica is granted a lease past those the others took
@@ -42,6 +43,7 @@ class ClusterStatus:
     held: int  # this replica's requests past both steps
     in_flight: int  # leases cluster-wide, last seen
     replicas: Mapping[str, int]  # leases per live replica, last seen
+    idle: int = 0  # leases this replica keeps for its next requests (pool.py): in Redis, no request on them
 
     @property
     def shared(self) -> bool:
@@ -69,11 +71,14 @@ class Link:
         *,
         queued: Callable[[], int],
         unsent: Callable[[], int],
+        idle: Callable[[], int],
         kick: Callable[[], None],
+        heard: Callable[[bytes], None],
         changed: Callable[[], None],
     ) -> None:
         self.name, self.store, self.share, self.held = name, store, share, held
-        self._queued, self._unsent, self._kick, self._changed = queued, unsent, kick, changed
+        self._queued, self._unsent, self._idle, self._kick, self._changed = queued, unsent, idle, kick, changed
+        self._heard = heard
         self.mode, self.reason = SHARED, ""
         self.seen: dict[str, int] | None = None  # leases per live replica at the last look; None: never looked
         self.total = 0
@@ -86,10 +91,10 @@ class Link:
 
     @property
     def status(self) -> ClusterStatus:
-        held = len(self.held)
+        idle = self._idle()
         return ClusterStatus(
-            self.mode, self.reason, self.share.allowance, self.store.replica, held, max(self.total, held),
-            dict(self.seen or {}),
+            self.mode, self.reason, self.share.allowance, self.store.replica, len(self.held) - idle,
+            max(self.total, len(self.held)), dict(self.seen or {}), idle,
         )  # fmt: skip
 
     async def keep(self) -> None:
@@ -129,7 +134,7 @@ class Link:
         so the replicas together stay under it whatever they last saw of each other; a share of the cap
         computed from what they last saw could be one too many (the others' last grants were not in it)."""
         if self.mode != FALLBACK:
-            allowance = len(self.held) + self._unsent()  # as Redis counted them: releases not sent yet included
+            allowance = len(self.held) + self._unsent()  # as Redis counted them: idle and unsent ones included
             self.renew_now.set()  # try Redis again soon (then every RETRY_SECONDS at most)
             log.warning(
                 "upstream %s: shared gate unavailable (%s); replica %s keeps the %d requests it holds (cap %d)",
@@ -159,8 +164,9 @@ class Link:
             try:
                 await pubsub.subscribe(self.store.channel)
                 while not self.closed:
-                    if await pubsub.get_message(timeout=1.0) is not None:
-                        self._kick()
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._heard(message["data"])
             except (RedisError, OSError):
                 await asyncio.sleep(random.uniform(0.5, 1.0))  # the poll covers the gap; the keeper notices
             finally:

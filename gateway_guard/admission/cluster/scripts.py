@@ -13,7 +13,8 @@ Keys of one upstream share the prefix ``gg:{<upstream>}`` (one hash tag, so one 
   what it holds before anyone is granted past it
 
 Only the server's clock is read (``TIME``), never a replica's. A lease whose expiry passed is removed (from the
-indexes too) by whichever script runs next. Release publishes on ``<prefix>:released`` to wake the waiters.
+indexes too) by whichever script runs next. Release publishes on ``<prefix>:released`` to wake the waiters, and a
+replica's new demand too (``?<replica>``): replicas that keep idle leases (``pool.py``) then give them back.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ end
 #       n members to release, then per ask 7 values: member, lane, profile, lane_cap, profile_cap (-1: none),
 #       priority, waited_ms.
 # Each ask in turn: OK, or LANE_FULL / PROFILE_FULL (the next ask is tried), or FULL / YIELD / QUIET, which end
-# the call (that ask is published as the replica's demand). -> {{codes...}, released, leases in total,
+# the call (that ask is published as the replica's demand; a demand that is new, or replaces an expired one, is also
+# announced on the channel as '?<replica>', so that replicas keeping idle leases give them back). A release is
+# announced as '<replica>'. -> {{codes...}, released, other replicas with live demand, leases in total,
 # replica, count, ...}
 SYNC = (
     _COMMON
@@ -88,20 +91,26 @@ for i = 9, 8 + n do
   unindex(ARGV[i])
   released = released + redis.call('ZREM', p .. ':leases', ARGV[i])
 end
-if released > 0 then redis.call('PUBLISH', channel, released) end
+if released > 0 then redis.call('PUBLISH', channel, replica) end
 local codes = {}
+local others = {}  -- other replicas' live demand: {rank, lane, lane cap}
 local function reply()
   local out = view(0)
   out[1] = codes
   table.insert(out, 2, released)
+  table.insert(out, 3, #others)
   return out
 end
 local function publish(at, code)
   codes[#codes + 1] = code
   if demand_ttl > 0 then
     local lane, lane_cap, priority, waited = ARGV[at + 1], ARGV[at + 3], ARGV[at + 5], tonumber(ARGV[at + 6])
+    local old = redis.call('HGET', p .. ':demand', replica)
     redis.call('HSET', p .. ':demand', replica,
       priority .. '|' .. (now - waited) .. '|' .. lane .. '|' .. lane_cap .. '|' .. (now + demand_ttl))
+    if not old or tonumber(string.match(old, '|([^|]*)$')) <= now then
+      redis.call('PUBLISH', channel, '?' .. replica)
+    end
   end
   return reply()
 end
@@ -111,7 +120,6 @@ if boot(now, lease) == 1 then
   return reply()
 end
 purge(now)
-local others = {}  -- other replicas' live demand: {rank, lane, lane cap}
 local demand = redis.call('HGETALL', p .. ':demand')
 for i = 1, #demand, 2 do
   if demand[i] ~= replica then

@@ -39,11 +39,13 @@ class View:
 @dataclass(frozen=True, slots=True)
 class Synced:
     """What one ``sync`` did: a code per ask it got to (fewer than asked when one ended the call), how many of
-    the releases were still there, and the view after."""
+    the releases were still there, the view after, and how many other replicas had a request waiting (live
+    demand; 0 when the server was quiet)."""
 
     codes: list[int]
     released: int
     view: View
+    others: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +132,7 @@ class LeaseStore:
             args += [lease.member, lease.lane, lease.profile, ask.lane_cap, pcap, ask.priority, ask.waited_ms]
         raw = await self._sync(args=args)
         codes = [int(c) for c in raw[0]]
-        return Synced(codes, int(raw[1]), _view([codes[-1] if codes else scripts.OK, *raw[2:]]))
+        return Synced(codes, int(raw[1]), _view([codes[-1] if codes else scripts.OK, *raw[3:]]), int(raw[2]))
 
     async def acquire(self, ask: Ask) -> View:
         """One ask alone: ``View.code`` is its code."""
