@@ -175,7 +175,9 @@ def test_status_page_in_chromium_follows_load_and_outage(tmp_path: Path) -> None
                 last.result(timeout=30)
             wait_for(lambda: text_of(driver, "section.upstream .state"), lambda s: s == "down", timeout=10,
                      what="the upstream shown down")  # fmt: skip
-            assert history()["upstreams"]["default"]["state"] == "down"
+            # /guard/history samples the probers once a second: it follows within a sample
+            wait_for(history, lambda h: h["upstreams"]["default"]["state"] == "down", timeout=5,
+                     what="/guard/history showing the upstream down")  # fmt: skip
             wait_for(capacity_mismatches, lambda bad: bad == [], timeout=2.0, what="the page after the outage")
 
         seen = requested_urls(driver)
