@@ -38,10 +38,18 @@ class Cluster:
         self.most = 0
 
     def replica(
-        self, name: str, cap: int, *, lanes: list[LanePolicy] = LANES, profiles: Mapping[str, ProfilePolicy] = {}
+        self,
+        name: str,
+        cap: int,
+        *,
+        lanes: list[LanePolicy] = LANES,
+        profiles: Mapping[str, ProfilePolicy] = {},
+        keep_idle: float | None = None,
     ) -> ClusterGate:
         store = LeaseStore(self.redis, self.upstream, name, lease_ms=round(LEASE * 1000))
-        gate = ClusterGate(self.upstream, FixedLimit(cap), lanes, profiles, store=store, aging_seconds=30)
+        gate = ClusterGate(
+            self.upstream, FixedLimit(cap), lanes, profiles, store=store, aging_seconds=30, keep_idle=keep_idle
+        )
         self.gates.append(gate)
         return gate
 
@@ -58,6 +66,9 @@ class Cluster:
 
     async def leases(self) -> int:
         return int(await self.redis.zcard(f"{prefix_for(self.upstream)}:leases"))
+
+    async def members(self) -> set[str]:
+        return {m.decode() for m in await self.redis.zrange(f"{prefix_for(self.upstream)}:leases", 0, -1)}
 
     async def no_leases_left(self, timeout: float = 5.0) -> None:
         """A release rides on the pump's next round trip: give it that moment, then none may be left."""

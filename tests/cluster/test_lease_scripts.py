@@ -56,6 +56,7 @@ class LeaseMachine(RuleBasedStateMachine):
         self.alive: set[str] = set()
         self.leases: dict[str, ModelLease] = {}
         self.demand: dict[str, tuple[float, str]] = {}  # replica -> (rank, lane) of its published waiter
+        self.waiting: set[str] = set()  # replicas marked waiting: a refused ask lately (what pools give way to)
         self.booted, self.quiet = True, False
         self.renewed_since_restart: set[str] = set()
         self.renewed_since_jump: set[str] = set()
@@ -164,7 +165,13 @@ class LeaseMachine(RuleBasedStateMachine):
             assert len(synced.codes) == len(plan)
             if publish:
                 self.demand.pop(replica, None)  # nobody left that a slot would serve: no demand
+        if publish:
+            if any(code != scripts.OK for code in synced.codes):
+                self.waiting.add(replica)
+            else:
+                self.waiting.discard(replica)
         assert synced.view.total == self._in_redis()
+        assert synced.others == len(self.waiting - {replica})
 
     @precondition(lambda self: any(m.replica in self.alive for m in self.leases.values()))
     @rule(data=st.data())
@@ -216,6 +223,7 @@ class LeaseMachine(RuleBasedStateMachine):
         for k in members:
             del self.leases[k]
         self.demand.pop(replica, None)
+        self.waiting.discard(replica)
 
     @rule()
     def clock_jumps_past_every_lease(self) -> None:
@@ -227,6 +235,7 @@ class LeaseMachine(RuleBasedStateMachine):
             else:
                 del self.leases[k]
         self.demand.clear()
+        self.waiting.clear()
         self.breach_allowed = True
         self.renewed_since_jump = set()
 
@@ -245,6 +254,7 @@ class LeaseMachine(RuleBasedStateMachine):
             else:
                 del self.leases[k]
         self.demand.clear()
+        self.waiting.clear()
         self.booted = False
 
     @precondition(lambda self: self.quiet and self.alive <= self.renewed_since_restart)
@@ -261,6 +271,8 @@ class LeaseMachine(RuleBasedStateMachine):
             if raw is not None:
                 fields = raw.decode().split("|")
                 await self.redis.hset(f"{self.prefix}:demand", replica, "|".join([*fields[:-1], "1"]))
+            if await self.redis.hexists(f"{self.prefix}:waiting", replica):
+                await self.redis.hset(f"{self.prefix}:waiting", replica, 1)
 
     # -- invariants -----------------------------------------------------------------------------------------
 
@@ -296,7 +308,8 @@ class LeaseMachine(RuleBasedStateMachine):
             counts = self.run(self.stores["r0"].counts())
             assert counts.total == 0
             left = {k.decode() for k in self.run(self._keys())}
-            allowed = {f"{self.prefix}:{suffix}" for suffix in ("epoch", "quiet", "replicas", "demand", "queued")}
+            suffixes = ("epoch", "quiet", "replicas", "demand", "queued", "waiting")
+            allowed = {f"{self.prefix}:{suffix}" for suffix in suffixes}
             assert left <= allowed, f"leaked keys: {sorted(left - allowed)}"
         finally:
             self.run(self.redis.aclose())

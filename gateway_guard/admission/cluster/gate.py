@@ -112,14 +112,15 @@ class ClusterGate:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        self._kicked = False  # the pump was woken for work, not by its poll
         self._link = Link(
             name,
             store,
             self._share,
             self._held,
+            self._pool,
             queued=self._queued,
             unsent=lambda: len(self._releasing),
-            idle=lambda: len(self._pool),
             kick=self._kick,
             heard=self._heard,
             changed=self._changed,
@@ -265,6 +266,11 @@ class ClusterGate:
     def status(self) -> ClusterStatus:
         return self._link.status
 
+    @property
+    def listening(self) -> bool:
+        """Subscribed to the release channel: from then on it hears other replicas' demand (and may pool)."""
+        return self._link.listening
+
     def start(self) -> None:
         """Start renewing, listening and granting, in the running loop (the first ``acquire`` does it too)."""
         if self._loop is not None:
@@ -332,7 +338,7 @@ class ClusterGate:
         while not self._link.closed:
             timed = self._wants or self._held  # held: a pooled lease may go stale, another replica may wait
             await wait_for_event(self._wake, self._poll * random.uniform(0.5, 1.5) if timed else None)
-            woken = self._wake.is_set()
+            woken, self._kicked = self._kicked, False
             self._wake.clear()
             try:
                 if self._link.mode == FALLBACK:
@@ -393,9 +399,10 @@ class ClusterGate:
                 self._give_back(ask.lease)
             else:
                 want.future.set_result(ask.lease)
-        # FULL, YIELD or QUIET ended the call: its request is our demand now; else nobody's left to wait
-        self._demand = bool(synced.codes) and synced.codes[-1] in (scripts.FULL, scripts.YIELD, scripts.QUIET)
-        if len(pending) == BATCH and not self._demand:
+        # FULL, YIELD or QUIET ended the call: its request is our demand now. Any refusal marks us waiting.
+        ended = bool(synced.codes) and synced.codes[-1] in (scripts.FULL, scripts.YIELD, scripts.QUIET)
+        self._demand = any(code != scripts.OK for code in synced.codes)
+        if len(pending) == BATCH and not ended:
             self._kick()  # there may be more behind the batch
 
     async def _grant_in_fallback(self) -> None:
@@ -464,7 +471,8 @@ class ClusterGate:
         return lease
 
     def _heard(self, data: bytes) -> None:
-        """A message on the release channel: another replica's new demand (``?<replica>``), or a release."""
+        """A message on the release channel: another replica's new demand (``?<replica>``), or a release.
+        ``?`` alone comes from the listener: it was not listening, so someone may wait."""
         if data[:1] == b"?":
             if data[1:] != self._me:
                 self._pool.demand_heard()
@@ -491,6 +499,7 @@ class ClusterGate:
         )
 
     def _kick(self) -> None:
+        self._kicked = True
         self._wake.set()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from gateway_guard.admission.cluster.pool import LeasePool
 from gateway_guard.admission.cluster.share import ShareLimit
 from gateway_guard.admission.cluster.store import Counts, Lease, LeaseStore, View
 
@@ -44,6 +45,7 @@ class ClusterStatus:
     in_flight: int  # leases cluster-wide, last seen
     replicas: Mapping[str, int]  # leases per live replica, last seen
     idle: int = 0  # leases this replica keeps for its next requests (pool.py): in Redis, no request on them
+    others_waiting: bool = False  # another replica has a request waiting: this one keeps no idle lease
 
     @property
     def shared(self) -> bool:
@@ -68,17 +70,17 @@ class Link:
         store: LeaseStore,
         share: ShareLimit,
         held: dict[str, Lease],
+        pool: LeasePool,
         *,
         queued: Callable[[], int],
         unsent: Callable[[], int],
-        idle: Callable[[], int],
         kick: Callable[[], None],
         heard: Callable[[bytes], None],
         changed: Callable[[], None],
     ) -> None:
         self.name, self.store, self.share, self.held = name, store, share, held
-        self._queued, self._unsent, self._idle, self._kick, self._changed = queued, unsent, idle, kick, changed
-        self._heard = heard
+        self._queued, self._unsent, self._kick, self._changed = queued, unsent, kick, changed
+        self._heard, self.pool = heard, pool
         self.mode, self.reason = SHARED, ""
         self.seen: dict[str, int] | None = None  # leases per live replica at the last look; None: never looked
         self.total = 0
@@ -88,13 +90,14 @@ class Link:
         self._renew_every = store.lease_ms / 3000
         self.closed = False
         self.reachable = False  # the last call to Redis went through
+        self.listening = False  # subscribed to the release channel
 
     @property
     def status(self) -> ClusterStatus:
-        idle = self._idle()
+        idle = len(self.pool)
         return ClusterStatus(
             self.mode, self.reason, self.share.allowance, self.store.replica, len(self.held) - idle,
-            max(self.total, len(self.held)), dict(self.seen or {}), idle,
+            max(self.total, len(self.held)), dict(self.seen or {}), idle, self.pool.others_waiting,
         )  # fmt: skip
 
     async def keep(self) -> None:
@@ -163,12 +166,17 @@ class Link:
             pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.store.channel)
+                self._heard(b"?")  # what was said before is lost: as if someone waited, until a script says
+                self.listening = True
                 while not self.closed:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._heard(message["data"])
             except (RedisError, OSError):
+                self.listening = False
+                self._heard(b"?")  # deaf meanwhile: keep no idle lease
                 await asyncio.sleep(random.uniform(0.5, 1.0))  # the poll covers the gap; the keeper notices
             finally:
+                self.listening = False
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

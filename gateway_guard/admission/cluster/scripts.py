@@ -8,6 +8,7 @@ Keys of one upstream share the prefix ``gg:{<upstream>}`` (one hash tag, so one 
 * ``:replicas`` sorted set, replica id -> heartbeat expiry (ms): who was alive lately
 * ``:queued``   hash, replica id -> ``<requests waiting>|<expiry ms>`` (for the cluster-wide capacity view)
 * ``:demand``   hash, replica id -> ``<priority>|<enqueued ms>|<lane>|<lane cap>|<expiry ms>``: its best waiter
+* ``:waiting``  hash, replica id -> expiry ms: it has a request refused lately (any reason: cap, lane, profile)
 * ``:epoch``    set once; missing means a fresh (restarted, empty) server
 * ``:quiet``    for one lease after a fresh start: no new leases, only renewals, so that every replica re-registers
   what it holds before anyone is granted past it
@@ -75,10 +76,10 @@ end
 #       n members to release, then per ask 7 values: member, lane, profile, lane_cap, profile_cap (-1: none),
 #       priority, waited_ms.
 # Each ask in turn: OK, or LANE_FULL / PROFILE_FULL (the next ask is tried), or FULL / YIELD / QUIET, which end
-# the call (that ask is published as the replica's demand; a demand that is new, or replaces an expired one, is also
-# announced on the channel as '?<replica>', so that replicas keeping idle leases give them back). A release is
-# announced as '<replica>'. -> {{codes...}, released, other replicas with live demand, leases in total,
-# replica, count, ...}
+# the call (that ask is published as the replica's demand). A replica with a refused ask (any code but OK) is also
+# marked waiting (``:waiting``, for demand_ttl), announced on the channel as '?<replica>' when the mark is new, so
+# that replicas keeping idle leases (pool.py) give them back. A release is announced as '<replica>'.
+# -> {{codes...}, released, other replicas waiting, leases in total, replica, count, ...}
 SYNC = (
     _COMMON
     + r"""
@@ -94,30 +95,44 @@ end
 if released > 0 then redis.call('PUBLISH', channel, replica) end
 local codes = {}
 local others = {}  -- other replicas' live demand: {rank, lane, lane cap}
-local function reply()
+local function reply(refused)
+  local waiting = 0
+  if demand_ttl > 0 then
+    if refused then
+      local old = redis.call('HGET', p .. ':waiting', replica)
+      redis.call('HSET', p .. ':waiting', replica, now + demand_ttl)
+      if not old or tonumber(old) <= now then redis.call('PUBLISH', channel, '?' .. replica) end
+    else
+      redis.call('HDEL', p .. ':waiting', replica)
+    end
+  end
+  local marks = redis.call('HGETALL', p .. ':waiting')
+  for i = 1, #marks, 2 do
+    if tonumber(marks[i + 1]) <= now then
+      redis.call('HDEL', p .. ':waiting', marks[i])
+    elseif marks[i] ~= replica then
+      waiting = waiting + 1
+    end
+  end
   local out = view(0)
   out[1] = codes
   table.insert(out, 2, released)
-  table.insert(out, 3, #others)
+  table.insert(out, 3, waiting)
   return out
 end
 local function publish(at, code)
   codes[#codes + 1] = code
   if demand_ttl > 0 then
     local lane, lane_cap, priority, waited = ARGV[at + 1], ARGV[at + 3], ARGV[at + 5], tonumber(ARGV[at + 6])
-    local old = redis.call('HGET', p .. ':demand', replica)
     redis.call('HSET', p .. ':demand', replica,
       priority .. '|' .. (now - waited) .. '|' .. lane .. '|' .. lane_cap .. '|' .. (now + demand_ttl))
-    if not old or tonumber(string.match(old, '|([^|]*)$')) <= now then
-      redis.call('PUBLISH', channel, '?' .. replica)
-    end
   end
-  return reply()
+  return reply(true)
 end
 local first = 9 + n
 if boot(now, lease) == 1 then
   if #ARGV >= first then return publish(first, -4) end
-  return reply()
+  return reply(false)
 end
 purge(now)
 local demand = redis.call('HGETALL', p .. ':demand')
@@ -157,7 +172,7 @@ for at = first, #ARGV, 7 do
   end
 end
 if demand_ttl > 0 then redis.call('HDEL', p .. ':demand', replica) end  -- nobody left that a slot would serve
-return reply()
+return reply(next(full_lane) ~= nil or next(full_profile) ~= nil)
 """
 )
 
@@ -182,8 +197,9 @@ return out
 """
 )
 
-# ARGV: prefix, replica -> its demand is withdrawn (it has nobody waiting)
+# ARGV: prefix, replica -> its demand and its waiting mark are withdrawn (it has nobody waiting)
 CLEAR_DEMAND = r"""
+redis.call('HDEL', ARGV[1] .. ':waiting', ARGV[2])
 return redis.call('HDEL', ARGV[1] .. ':demand', ARGV[2])
 """
 
