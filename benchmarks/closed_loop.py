@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -129,6 +130,8 @@ class Samples:
     in_flight: list[int] = field(default_factory=list)
     limit: list[int] = field(default_factory=list)
     alive: list[int] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    cpu_busy: list[float] = field(default_factory=list)  # share of the host's CPU time busy since the last sample
 
 
 class Watcher:
@@ -139,25 +142,50 @@ class Watcher:
         self.guard = httpx.Client(base_url=guard_url, timeout=2.0, trust_env=False)
         self.samples = Samples()
         self.pids: set[int] = set()
+        self.worker: dict[int, str] = {}  # worker pid -> its card
+        self.claimed: dict[str, float] = {}  # card -> epoch time first seen running (0.1 s sampling)
+        self.done: dict[str, float] = {}  # card -> epoch time first seen done
+        self.exited: dict[int, float] = {}  # worker pid -> epoch time first seen gone
+        self._cpu = _cpu_times()
 
     def sample(self, t: float) -> tuple[int, int]:
-        rows = self.db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall()
-        counts = {str(s): int(n) for s, n in rows}
-        self.pids |= {int(p) for (p,) in self.db.execute(
-            "SELECT worker_pid FROM task_runs WHERE worker_pid IS NOT NULL").fetchall()}
+        now = time.time()
+        counts: dict[str, int] = {}
+        for task_id, status in self.db.execute("SELECT id, status FROM tasks").fetchall():
+            counts[status] = counts.get(status, 0) + 1
+            if status in ("running", "done"):
+                self.claimed.setdefault(task_id, now)
+            if status == "done":
+                self.done.setdefault(task_id, now)
+        for task_id, pid in self.db.execute(
+                "SELECT task_id, worker_pid FROM task_runs WHERE worker_pid IS NOT NULL").fetchall():
+            if int(pid) not in self.pids:
+                self.pids.add(int(pid))
+                self.worker[int(pid)] = str(task_id)
+        self.track_exits(now)
         try:
             up = self.guard.get("/guard/capacity").json()["upstreams"]["sim"]
-            in_flight, limit = int(up["in_flight"]), int(up["limit"])
+            in_flight, limit, queued = int(up["in_flight"]), int(up["limit"]), int(up["queued"])
         except (httpx.HTTPError, KeyError, ValueError):
-            in_flight, limit = 0, 0
+            in_flight, limit, queued = 0, 0, 0
+        busy, total = _cpu_times()
+        s_busy = (busy - self._cpu[0]) / (total - self._cpu[1]) if total > self._cpu[1] else 0.0
+        self._cpu = (busy, total)
         s = self.samples
         s.t.append(t)
         s.running.append(counts.get("running", 0))
         s.waiting.append(counts.get("ready", 0) + counts.get("todo", 0))
         s.in_flight.append(in_flight)
         s.limit.append(limit)
-        s.alive.append(sum(1 for pid in self.pids if _alive(pid)))
+        s.alive.append(len(self.pids) - len(self.exited))
+        s.queued.append(queued)
+        s.cpu_busy.append(s_busy)
         return counts.get("ready", 0) + counts.get("running", 0) + counts.get("todo", 0), counts.get("done", 0)
+
+    def track_exits(self, now: float) -> None:
+        for pid in self.pids - set(self.exited):
+            if not _alive(pid):
+                self.exited[pid] = now
 
     def failed_runs(self) -> int:
         return int(self.db.execute(
@@ -166,6 +194,25 @@ class Watcher:
     def close(self) -> None:
         self.db.close()
         self.guard.close()
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat ((0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _alive(pid: int) -> bool:
@@ -197,7 +244,8 @@ def dispatcher(variant: str, env: dict[str, str], guard_url: str, args: argparse
     }
     long_running = {
         "d": [*gd, "run", *common, "--target", T, *reserve],
-        "e": [*gd, "run", *common, "--target", "auto", "--max-running", str(args.max_running), *reserve],
+        "e": [*gd, "run", *common, "--target", "auto", "--max-running", str(args.max_running), "--queue-per-slot",
+              str(args.queue_per_slot), *reserve],
     }
     long_running["f"], long_running["g"] = long_running["d"], long_running["e"]
     run_env = dict(env, MAX_PARALLEL=T, GUARD_ADMIN_TOKEN=TOKEN,
@@ -258,16 +306,21 @@ def run_variant(variant: str, template: Path, work: Path, guard_url: str, args: 
                 time.sleep(0.1)
         # workers still streaming their last answer: let them end before the next variant starts
         end = time.monotonic() + 30
-        while time.monotonic() < end and any(_alive(p) for p in watcher.pids):
-            time.sleep(0.2)
-        return summarise(variant, watcher, elapsed, args)
+        while time.monotonic() < end and len(watcher.exited) < len(watcher.pids):
+            watcher.track_exits(time.time())
+            time.sleep(0.1)
+        if args.keep is not None:
+            (work / f"{variant}{n}.samples.json").write_text(json.dumps(vars(watcher.samples)))
+        return summarise(variant, watcher, elapsed, args) | phases(home, watcher, args)
     finally:
         watcher.close()
 
 
 def summarise(variant: str, w: Watcher, elapsed: float, args: argparse.Namespace) -> dict[str, object]:
     s = w.samples
-    backlog_t = running_t = use_t = all_t = all_use_t = 0.0
+    bound = args.max_running if variant in "eg" else args.target
+    backlog_t = running_t = use_t = all_t = all_use_t = bound_t = cpu_t = idle_t = warm_t = warm_use_t = 0.0
+    first_ask = next((s.t[i] for i, n in enumerate(s.in_flight) if n > 0), float("inf"))
     for i in range(1, len(s.t)):
         dt = s.t[i] - s.t[i - 1]
         all_t += dt
@@ -275,16 +328,73 @@ def summarise(variant: str, w: Watcher, elapsed: float, args: argparse.Namespace
         if s.waiting[i - 1] > 0:
             backlog_t += dt
             running_t += s.running[i - 1] * dt
-            use_t += (s.in_flight[i - 1] / s.limit[i - 1] if s.limit[i - 1] else 0.0) * dt
+            bound_t += dt if s.running[i - 1] >= bound else 0.0
+            cpu_t += s.cpu_busy[i] * dt
+            idle_t += dt if s.in_flight[i - 1] < s.limit[i - 1] and s.queued[i - 1] == 0 else 0.0
+            use = (s.in_flight[i - 1] / s.limit[i - 1] if s.limit[i - 1] else 0.0) * dt
+            use_t += use
+            if s.t[i - 1] >= first_ask:  # no dispatcher can have a request at the guard before a worker is up
+                warm_t += dt
+                warm_use_t += use
     done = int(w.db.execute("SELECT COUNT(*) FROM tasks WHERE status = 'done'").fetchone()[0])
     return {
         "variant": variant, "done": done, "wall_s": elapsed,
         "running_per_target": running_t / backlog_t / args.target if backlog_t else float("nan"),
         "slot_use": use_t / backlog_t if backlog_t else float("nan"),
         "slot_use_run": all_use_t / all_t if all_t else float("nan"),
+        "slot_use_warm": warm_use_t / warm_t if warm_t else float("nan"),
+        "first_request_s": first_ask,
+        "at_bound": bound_t / backlog_t if backlog_t else float("nan"),
+        "cpu_busy": cpu_t / backlog_t if backlog_t else float("nan"),
+        "slot_free_no_queue": idle_t / backlog_t if backlog_t else float("nan"),
         "max_running": max(s.running, default=0), "max_alive": max(s.alive, default=0),
         "max_in_flight": max(s.in_flight, default=0), "failed_runs": w.failed_runs(),
     }
+
+
+def phases(home: Path, w: Watcher, args: argparse.Namespace) -> dict[str, object]:
+    """Where a card's time goes, from the board (claim and done, sampled every 0.1 s), the worker's session
+    in its profile's state.db (Hermes stores every message with its time: the prompt just before the first
+    LLM request, each answer when it arrived, each tool result when the tool ended) and the worker's exit."""
+    sessions: dict[str, list[tuple[str, str | None, float]]] = {}
+    for db in sorted(home.glob("profiles/*/state.db")):
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            rows = conn.execute("SELECT session_id, role, tool_name, timestamp, content FROM messages "
+                                "ORDER BY timestamp, id").fetchall()
+        by_session: dict[str, list[tuple[str, str | None, float, str]]] = {}
+        for sid, role, tool, ts, content in rows:
+            by_session.setdefault(str(sid), []).append((str(role), tool, float(ts), str(content or "")))
+        for session in by_session.values():
+            if session and session[0][0] == "user":
+                sessions[session[0][3].rsplit(" ", 1)[-1]] = [(r, t, ts) for r, t, ts, _ in session]
+    exits = {task: w.exited[pid] for pid, task in w.worker.items() if pid in w.exited}
+    start, llm, tool, card, linger, react = [], [], [], [], [], []
+    dones = sorted(w.done.values())
+    for task, claimed in w.claimed.items():
+        done = w.done.get(task)
+        msgs = sessions.get(task)
+        if done is None or not msgs:
+            continue
+        card.append(done - claimed)
+        start.append(msgs[0][2] - claimed)
+        llm_s = tool_s = 0.0
+        for (_, _, before), (role, name, ts) in itertools.pairwise(msgs):
+            if role == "assistant":
+                llm_s += ts - before
+            elif role == "tool":
+                tool_s += ts - before
+                if name == "kanban_complete":
+                    break
+        llm.append(llm_s)
+        tool.append(tool_s)
+        if task in exits:
+            linger.append(exits[task] - done)
+        earlier = [d for d in dones if d <= claimed]
+        if earlier:
+            react.append(claimed - earlier[-1])
+    return {"card_s": mean(card), "start_s": mean(start), "llm_s": mean(llm), "tool_s": mean(tool),
+            "linger_s": mean(linger), "react_s": mean(react), "react_max_s": max(react, default=float("nan")),
+            "work_bound_s": sum(card) / args.target}
 
 
 def main() -> int:
@@ -293,6 +403,8 @@ def main() -> int:
     parser.add_argument("--target", type=int, default=2, help="T: running cards for (a)-(d)")
     parser.add_argument("--slots", type=int, default=2, help="the guard's cap (and the sim's slots)")
     parser.add_argument("--max-running", type=int, default=6, help="(e)'s bound on running cards")
+    parser.add_argument("--queue-per-slot", type=float, default=2.0,
+                        help="(e)'s batch requests to keep waiting per slot")
     parser.add_argument("--steps", type=int, default=4, help="tool turns per card (sim --steps)")
     parser.add_argument("--tool-seconds", type=float, default=2.0, help="the terminal step's sleep")
     parser.add_argument("--tokens-per-second", type=float, default=10.0,
@@ -302,18 +414,25 @@ def main() -> int:
     parser.add_argument("--only", default="a,b,c,d,e", help="variants to run, in this order (also f, g)")
     parser.add_argument("--reserve", action="store_true", help="(d)/(e) book guard slots for new workers")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", type=Path, help="work in this (new) directory and keep it: boards, logs, sessions")
     args = parser.parse_args()
     if not HERMES.exists():
         print(f"no hermes CLI at {HERMES} (./run-tests installs it)", file=sys.stderr)
         return 2
     variants = [v.strip() for v in args.only.split(",") if v.strip()]
+    args.load_before = _load()
     results: list[dict[str, object]] = []
     sim_port, guard_port = free_port(), free_port()
     sim = f"http://127.0.0.1:{sim_port}"
     sim_cmd = sim_argv(sim_port, "--mode", "scripted", "--no-ollama", "--slots", str(args.slots), "--steps",
                        str(args.steps), "--tool-seconds", str(args.tool_seconds), "--tokens-per-second",
                        str(args.tokens_per_second))
-    with tempfile.TemporaryDirectory(prefix="closed-loop-") as tmp, process("sim", sim_cmd, sim):
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        tmp = str(args.keep) if args.keep is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="closed-loop-"))
+        stack.enter_context(process("sim", sim_cmd, sim))
         work = Path(tmp)
         config = work / "guard.toml"
         config.write_text(GUARD_TOML.format(token=TOKEN, sim=sim, slots=args.slots,
@@ -342,14 +461,29 @@ def print_table(results: list[dict[str, object]], args: argparse.Namespace) -> N
         rows.append([
             f"({r['variant']}) {NAMES[str(r['variant'])]}",
             f"{wall:.1f}" if isinstance(wall, float) and wall == wall else f"not done ({r['done']}/{args.cards})",
-            f"{r['running_per_target']:.2f}", f"{r['slot_use']:.2f}", f"{r['slot_use_run']:.2f}", r["max_running"],
+            f"{r['running_per_target']:.2f}", f"{r['slot_use']:.2f}",
+            f"{r['slot_use_warm']:.2f} (from {r['first_request_s']:.1f} s)", f"{r['slot_use_run']:.2f}",
+            f"{r['at_bound']:.2f}", r["max_running"],
             r["max_alive"], r["max_in_flight"], r["failed_runs"],
         ])
     print(f"\n{args.cards} cards, 2 profiles, T={args.target}, guard cap {args.slots}, sim --steps {args.steps} "
           f"--tool-seconds {args.tool_seconds:g} --tokens-per-second {args.tokens_per_second:g}, "
-          f"(e) max_running {args.max_running}, reservations for (d)/(e) {'on' if args.reserve else 'off'}\n")
+          f"(e) max_running {args.max_running} queue_per_slot {args.queue_per_slot:g}, reservations for (d)/(e) "
+          f"{'on' if args.reserve else 'off'}; load average {args.load_before} before, {_load()} after\n")
     print(table(["dispatcher", "board empty in (s)", "running / T (backlog)", "slot use (backlog)",
-                 "slot use (whole run)", "max running", "max workers alive", "max in flight", "failed runs"], rows))
+                 "slot use (backlog, from the first LLM request)", "slot use (whole run)", "at its bound (backlog)",
+                 "max running", "max workers alive", "max in flight", "failed runs"], rows))
+    print("\nwhere a card's time goes (means over its cards, seconds; 'at its bound': share of the backlog time with "
+          "T cards running, or max_running for (e)/(g); 'cards / T': the sum of the cards' claim-to-done times over "
+          "T, the least time any dispatcher that keeps at most T running needs for these cards)\n")
+    rows = [[f"({r['variant']})", f"{r['card_s']:.1f}", f"{r['start_s']:.1f}", f"{r['llm_s']:.1f}",
+             f"{r['tool_s']:.1f}", f"{r['linger_s']:.1f}", f"{r['react_s']:.2f} / {r['react_max_s']:.2f}",
+             f"{r['work_bound_s']:.1f}", f"{r['wall_s']:.1f}", f"{r['slot_free_no_queue']:.2f}",
+             f"{r['cpu_busy']:.2f}"] for r in results]
+    print(table(["dispatcher", "claim to done", "claim to first LLM request", "LLM calls (queue incl.)",
+                 "tools", "done to worker exit", "finish to next claim (mean / max)", "cards / T", "board empty in",
+                 "slot free, none queued (backlog)", "host CPU busy (backlog)"],
+                rows))
 
 
 if __name__ == "__main__":

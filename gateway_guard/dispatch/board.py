@@ -31,7 +31,14 @@ NEEDED_COLUMNS: Mapping[str, frozenset[str]] = {
     }),
     "task_links": frozenset({"parent_id", "child_id"}),
 }
+# Read when present: a run's first heartbeat tells a worker that reached its agent loop (about to ask for
+# its first LLM slot) from one still starting. Without them no card counts as starting.
+HEARTBEAT_COLUMNS: Mapping[str, frozenset[str]] = {
+    "tasks": frozenset({"current_run_id"}),
+    "task_runs": frozenset({"id", "started_at", "last_heartbeat_at"}),
+}
 DEFAULT_CRASH_GRACE_S = 30  # hermes_cli.kanban_db.DEFAULT_CRASH_GRACE_SECONDS
+STARTING_MAX_S = 60  # a worker silent this long after its claim no longer counts as "about to ask"
 
 
 class SchemaUnknown(Exception):
@@ -75,6 +82,7 @@ class RunningCard:
     started_at: int | None
     worker_pid: int | None
     alive: bool  # False only for a worker of this host whose process is gone
+    starting: bool = False  # claimed, worker not yet in its agent loop (no heartbeat on this run yet)
 
     def reclaimable(self, now: float, grace_s: float) -> bool:
         """Dead, and past the grace Hermes waits before it reclaims a crashed worker's card."""
@@ -105,6 +113,11 @@ class BoardState:
         return min(times) if times else None
 
     @property
+    def starting(self) -> int:
+        """Running cards whose worker has not asked for an LLM slot yet (it will in a few seconds)."""
+        return sum(1 for c in self.running if c.starting and c.alive)
+
+    @property
     def spawnable(self) -> int:
         return sum(1 for c in self.ready if c.assignee) + self.promotable
 
@@ -128,19 +141,25 @@ class BoardReader:
             raise SchemaUnknown(f"cannot open {db_path} read-only: {exc}") from exc
         try:
             self._check_schema()
+            self.heartbeats = self._has_columns(HEARTBEAT_COLUMNS)
         except BaseException:
             self._conn.close()
             raise
 
+    def _columns(self, table: str) -> set[str]:
+        try:
+            return {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+        except sqlite3.Error as exc:
+            raise SchemaUnknown(f"{self.db_path}: cannot read table {table}: {exc}") from exc
+
     def _check_schema(self) -> None:
         for table, needed in NEEDED_COLUMNS.items():
-            try:
-                columns = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
-            except sqlite3.Error as exc:
-                raise SchemaUnknown(f"{self.db_path}: cannot read table {table}: {exc}") from exc
-            missing = needed - columns
+            missing = needed - self._columns(table)
             if missing:
                 raise SchemaUnknown(f"{self.db_path}: table {table} lacks {', '.join(sorted(missing))}")
+
+    def _has_columns(self, wanted: Mapping[str, frozenset[str]]) -> bool:
+        return all(needed <= self._columns(table) for table, needed in wanted.items())
 
     def data_version(self) -> int:
         """Moves whenever another connection commits to the board (SQLite's ``PRAGMA data_version``)."""
@@ -153,8 +172,10 @@ class BoardReader:
         self._conn.execute("BEGIN")
         try:
             running_rows = self._conn.execute(
-                "SELECT id, assignee, started_at, worker_pid, claim_lock, max_runtime_seconds "
-                "FROM tasks WHERE status = 'running' ORDER BY started_at, id"
+                "SELECT t.id, t.assignee, t.started_at, t.worker_pid, t.claim_lock, t.max_runtime_seconds, "
+                + ("r.started_at, r.last_heartbeat_at FROM tasks t LEFT JOIN task_runs r ON r.id = t.current_run_id "
+                   if self.heartbeats else "NULL, 0 FROM tasks t ")
+                + "WHERE t.status = 'running' ORDER BY t.started_at, t.id"
             ).fetchall()
             ready_rows = self._conn.execute(
                 "SELECT id, assignee, priority, created_at FROM tasks "
@@ -169,12 +190,14 @@ class BoardReader:
             self._conn.execute("COMMIT")
         running = []
         overdue = 0
-        for task_id, assignee, started_at, pid, claim_lock, max_runtime in running_rows:
+        for task_id, assignee, started_at, pid, claim_lock, max_runtime, run_start, heartbeat in running_rows:
             local = str(claim_lock or "").startswith(self._host_prefix)
             alive = not (local and pid) or self._alive(int(pid))
+            claimed = _int_or_none(run_start) or _int_or_none(started_at) or now
             running.append(RunningCard(
                 task_id=str(task_id), assignee=str(assignee or ""), started_at=_int_or_none(started_at),
                 worker_pid=_int_or_none(pid), alive=alive,
+                starting=heartbeat is None and now - claimed < STARTING_MAX_S,
             ))
             if max_runtime and started_at and now - int(started_at) > int(max_runtime):
                 overdue += 1

@@ -64,6 +64,7 @@ class Options:
     hermes: str | None = None
     target: int | str | None = None
     max_running: int | None = None
+    queue_per_slot: float | None = None
     no_reserve: bool = False
     seconds: float | None = None
     lock_file: Path | None = None
@@ -95,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--board", help="Hermes kanban board slug (default: the CLI's current board)")
     parser.add_argument("--hermes", metavar="PATH", help="hermes executable (else $HERMES_BIN, else PATH)")
     parser.add_argument("--target", type=_target, help="batch target: running cards to aim for, or 'auto' "
-                        "(start cards while the guard has free batch slots and no queue, up to --max-running); "
-                        "overrides the config's target and time windows")
+                        "(start cards until the guard's free batch slots are taken and --queue-per-slot requests "
+                        "per slot wait, counting starting workers, up to --max-running); overrides the config's target "
+                        "and time windows")
     parser.add_argument("--max-running", type=_count, help="with --target auto: most cards running at once "
                         "(the host's RAM bound; default 8)")
+    parser.add_argument("--queue-per-slot", type=_share, help="with --target auto: batch requests to keep waiting "
+                        "at the guard per batch slot, so that no slot idles while a new worker starts (default 2)")
     parser.add_argument("--no-reserve", action="store_true", help="run: book no guard slots for new workers")
     parser.add_argument("--seconds", type=float, help="run: stop after this many seconds")
     parser.add_argument("--upstream", help="read one upstream's batch free slots instead of the total")
@@ -109,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "next (default 15)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per tick")
     return parser
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000, got {value:g}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -205,16 +216,20 @@ def _configure(options: Options) -> DispatchConfig:
         changes["log_json"] = True
     if options.no_reserve:
         changes["reserve"] = False
-    if options.target == "auto" or (options.target is None and options.max_running is not None):
+    auto_only = {"--max-running": options.max_running, "--queue-per-slot": options.queue_per_slot}
+    if options.target == "auto" or (options.target is None and any(v is not None for v in auto_only.values())):
         if options.target is None and not config.policy.auto:
-            raise ConfigError("--max-running", options.max_running, "only applies with --target auto")
+            flag, value = next((k, v) for k, v in auto_only.items() if v is not None)
+            raise ConfigError(flag, value, "only applies with --target auto")
         bound = options.max_running if options.max_running is not None else (
             config.policy.schedule.default_target if config.policy.auto else DEFAULT_MAX_RUNNING)
+        queue = options.queue_per_slot if options.queue_per_slot is not None else config.policy.queue_per_slot
         changes["policy"] = Policy(schedule=config.policy.schedule.with_default(bound), pools=config.policy.pools,
-                                   auto=True)
+                                   auto=True, queue_per_slot=queue)
     elif isinstance(options.target, int):
-        if options.max_running is not None:
-            raise ConfigError("--max-running", options.max_running, "only applies with --target auto")
+        for flag, value in auto_only.items():
+            if value is not None:
+                raise ConfigError(flag, value, "only applies with --target auto")
         changes["policy"] = Policy(schedule=config.policy.schedule.with_default(options.target),
                                    pools=config.policy.pools)
     if options.interval < 0:
@@ -264,7 +279,8 @@ async def _serve(
     runner.log({
         "event": "start", "mode": "run", "hermes": str(hermes.path), "version": version, "max_meaning": str(meaning),
         "board": board.slug, "guard": config.guard_url, "board_read": "sqlite" if reader else "cli",
-        "target": f"auto(max_running={target})" if config.policy.auto else target,
+        "target": (f"auto(max_running={target},queue_per_slot={config.policy.queue_per_slot:g})" if config.policy.auto
+                   else target),
         "reserve": "on" if reserver else ("off: no admin token in $" + config.admin_token_env if config.reserve
                                            else "off"),
         **({"board_read_error": reader_error} if reader_error else {}),
@@ -333,7 +349,7 @@ def _status(
         free, profile_free = cap.batch_free(config.upstream), cap.profile_free(config.upstream)
         running = {p: c["running"] for p, c in counts.items() if c.get("running")}
         ready = hermes.ready() if needs_queue(config.policy, profile_free) else None
-        decision = decide(config.policy, Snapshot(free=free, running=running, ready=ready,
+        decision = decide(config.policy.without_queue(), Snapshot(free=free, running=running, ready=ready,
                                                   profile_free=profile_free), clock())
     except (CapacityUnavailable, ValueError) as exc:
         cap_error = str(exc)

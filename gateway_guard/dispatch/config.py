@@ -23,8 +23,9 @@ DEFAULT_TARGET = 1
 _TOP_KEYS = {
     "guard_url", "upstream", "board", "hermes", "target", "lock_file", "guard_timeout_s", "hermes_timeout_s",
     "max_meaning", "log_json", "timezone", "window", "pools", "max_running", "reserve", "reservation_ttl_s",
-    "admin_token_env",
+    "admin_token_env", "queue_per_slot",
 }
+DEFAULT_QUEUE_PER_SLOT = 2.0  # target = "auto": batch requests kept waiting per batch slot (decide.auto_room)
 DEFAULT_MAX_RUNNING = 8  # what newer Hermes defaults its host-wide max_in_progress to at most
 
 
@@ -73,10 +74,13 @@ def from_mapping(raw: dict[str, Any], *, source: str = "config") -> DispatchConf
     auto = raw.get("target") == "auto"
     if auto:
         target = reader.count(raw, "max_running", DEFAULT_MAX_RUNNING)
+        queue_per_slot = reader.number(raw, "queue_per_slot", DEFAULT_QUEUE_PER_SLOT)
     else:
         target = reader.count(raw, "target", DEFAULT_TARGET)
-        if "max_running" in raw:
-            raise ConfigError("max_running", raw["max_running"], 'only applies with target = "auto"', source=source)
+        queue_per_slot = DEFAULT_QUEUE_PER_SLOT
+        for key in ("max_running", "queue_per_slot"):
+            if key in raw:
+                raise ConfigError(key, raw[key], 'only applies with target = "auto"', source=source)
     schedule = Schedule(default_target=target, timezone=timezone, windows=windows)
     meaning = reader.string(raw, "max_meaning") or "auto"
     if meaning not in {"auto", *MaxMeaning}:
@@ -95,7 +99,8 @@ def from_mapping(raw: dict[str, Any], *, source: str = "config") -> DispatchConf
         reserve=reader.boolean(raw, "reserve", True),
         reservation_ttl_s=reader.seconds(raw, "reservation_ttl_s", 60.0),
         admin_token_env=reader.string(raw, "admin_token_env") or "GUARD_ADMIN_TOKEN",
-        policy=Policy(schedule=schedule, pools=reader.pools(raw.get("pools", {})), auto=auto),
+        policy=Policy(schedule=schedule, pools=reader.pools(raw.get("pools", {})), auto=auto,
+                      queue_per_slot=queue_per_slot),
     )
 
 
@@ -126,6 +131,12 @@ class _Reader:
             allowed = ' or "auto"' if key == "target" and not where else ""
             raise self.fail(where + key, value, f"must be a whole number >= 0{allowed}")
         return value
+
+    def number(self, raw: dict[str, Any], key: str, default: float) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1000:
+            raise self.fail(key, value, "must be a number from 0 to 1000")
+        return float(value)
 
     def seconds(self, raw: dict[str, Any], key: str, default: float) -> float:
         value = raw.get(key, default)

@@ -11,7 +11,9 @@ as *every* choice of that many cards fits.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +33,7 @@ class Stop(StrEnum):
     PROFILE_FREE = "profile_free"
     QUEUE_EMPTY = "queue_empty"
     GUARD_QUEUED = "guard_queued"
+    STARTING = "starting"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,12 +47,19 @@ class Pool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
-    """``auto``: the target is the schedule's (``max_running``, the host's bound), and no card starts while
-    the guard's batch lane has requests waiting: cards start while the GPU has free, unreserved slots."""
+    """``auto``: the target is the schedule's (``max_running``, the host's bound), and cards start while the
+    batch requests the guard holds or will soon get -- queued, plus one per card whose worker is still
+    starting -- fall short of its free batch slots plus a standing queue of ``queue_per_slot`` requests per
+    batch slot (see ``auto_room``)."""
 
     schedule: Schedule
     pools: tuple[Pool, ...] = ()
     auto: bool = False
+    queue_per_slot: float = 2.0
+
+    def without_queue(self) -> Policy:
+        """This policy with no standing queue: for deciders that cannot see starting workers (a tick)."""
+        return dataclasses.replace(self, queue_per_slot=0.0)
 
     def pool_of(self, profile: str | None) -> Pool | None:
         for pool in self.pools:
@@ -72,7 +82,9 @@ class Snapshot:
 
     ``ready`` is None when the queue was not read (no pool or per-profile limit needs it).
     ``profile_free`` holds the guard's free slots for the profiles it limits; others are unlimited.
-    ``queued``: batch requests waiting in the guard (only the automatic target looks at it).
+    Only the automatic target reads the rest: ``queued`` and ``in_flight``, the guard's batch requests waiting
+    and served; ``slots``, its batch slots; ``starting``, running cards whose worker has not asked for a slot
+    yet.
     """
 
     free: int
@@ -80,6 +92,9 @@ class Snapshot:
     ready: Sequence[ReadyCard] | None = None
     profile_free: Mapping[str, int] = field(default_factory=dict)
     queued: int = 0
+    in_flight: int = 0
+    slots: int = 0
+    starting: int = 0
 
     @property
     def running_total(self) -> int:
@@ -101,6 +116,22 @@ class Decision:
         return f"{self.stop}:{self.detail}" if self.detail else str(self.stop)
 
 
+def auto_room(snapshot: Snapshot, queue_per_slot: float) -> int:
+    """Cards the automatic target may start: enough that the guard's free batch slots fill and, once its batch
+    lane is serving, ``queue_per_slot`` requests per batch slot wait behind them, counting each starting card
+    as one request to come.
+
+    A worker asks for its first slot 3-16 s after its card starts; counting only the slots free now (and
+    stopping at the first queued request) leaves the GPU idle that long after every finished card. A short
+    standing batch queue covers the start-up instead. It costs interactive requests nothing: the gate serves
+    the interactive lane first (until a batch request has waited ``aging_seconds``). No queue is aimed at
+    while nothing is served yet: workers that start together share the host's CPUs, so a cold start of
+    free-slots-plus-queue workers reaches the GPU later than one of free-slots workers.
+    """
+    queue = math.ceil(queue_per_slot * max(0, snapshot.slots)) if snapshot.in_flight > 0 else 0
+    return max(0, max(0, snapshot.free) + queue - max(0, snapshot.queued) - max(0, snapshot.starting))
+
+
 def needs_queue(policy: Policy, profile_free: Mapping[str, int]) -> bool:
     """Whether the decision must walk the ready queue (pools or per-profile guard limits in force)."""
     return bool(policy.pools) or bool(profile_free)
@@ -112,8 +143,15 @@ def decide(policy: Policy, snapshot: Snapshot, now: datetime) -> Decision:
     running = snapshot.running_total
     room = max(0, target.value - running)
     base = min(free, room)
-    if policy.auto and snapshot.queued > 0:
-        base, base_stop = 0, Stop.GUARD_QUEUED
+    if policy.auto:
+        want = auto_room(snapshot, policy.queue_per_slot)
+        base = min(want, room)
+        if room == 0:
+            base_stop = Stop.AT_TARGET
+        elif want == 0:
+            base_stop = Stop.GUARD_QUEUED if snapshot.queued > 0 else Stop.STARTING
+        else:
+            base_stop = Stop.GUARD_FREE if want < room else Stop.TARGET
     elif free == 0:
         base_stop = Stop.GUARD_FULL
     elif room == 0:

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import TextIO
 
 from gateway_guard.dispatch.board import BoardReader, BoardState, RunningCard
-from gateway_guard.dispatch.capacity import Capacity
+from gateway_guard.dispatch.capacity import Capacity, Slots
 from gateway_guard.dispatch.decide import Decision, Policy, ReadyCard, Snapshot, decide, needs_queue
 from gateway_guard.dispatch.hermes import Board, BoardLocked, DispatchOutcome, Hermes, HermesError, MaxMeaning
 from gateway_guard.dispatch.reserve import Booking, BookingFailed, Reserver
@@ -147,7 +147,7 @@ class Runner:
         try:
             free = capacity.batch_free(self.upstream)
             profile_free = capacity.profile_free(self.upstream)
-            queued = _batch_queued(capacity, self.upstream)
+            lane = _batch_lane(capacity, self.upstream)
         except ValueError as exc:
             self.log({"event": "guard_bad_capacity", "board": self.board.slug, "error": str(exc)})
             return timeout
@@ -157,8 +157,13 @@ class Runner:
             if card.task_id not in reclaim:  # this pass reclaims it before counting
                 running[card.assignee] = running.get(card.assignee, 0) + 1
         ready = list(state.ready) if needs_queue(self.policy, profile_free) else None
-        decision = decide(self.policy, Snapshot(free=free, running=running, ready=ready, profile_free=profile_free,
-                                                queued=queued), self.clock())
+        # Booked slots are off `free` already, and a booking needs a free slot: with reservations the automatic
+        # target fills free slots only (a starting card holds its booking, so it is not counted again).
+        booking = self.reserver is not None and self.reserver.enabled
+        policy = self.policy.without_queue() if booking else self.policy
+        decision = decide(policy, Snapshot(free=free, running=running, ready=ready, profile_free=profile_free,
+                                           queued=lane.queued, in_flight=lane.in_flight, slots=lane.limit or 0,
+                                           starting=0 if booking else state.starting), self.clock())
         add = min(decision.add, state.spawnable + len(due))  # a reclaimed card is ready again in the same pass
         if add > 0 and self._stalled is not None:
             version, at = self._stalled
@@ -186,6 +191,8 @@ class Runner:
             "event": "dispatch", "board": self.board.slug, "running": decision.running, "free": decision.free,
             "target": "auto" if self.policy.auto else decision.target.value, "asked": add,
         }
+        if self.policy.auto:
+            fields["starting"] = state.starting
         try:
             if add > 0:
                 bookings, add = await self._book(_claim_order(state, add, due), add)
@@ -279,12 +286,11 @@ def _claim_order(state: BoardState, add: int, reclaimed: list[RunningCard]) -> l
     return profiles
 
 
-def _batch_queued(capacity: Capacity, upstream: str | None) -> int:
+def _batch_lane(capacity: Capacity, upstream: str | None) -> Slots:
+    """The batch lane's slots (over all upstreams, or of one): what the automatic target reads."""
     if upstream is None:
-        lane = capacity.lanes.get("batch")
-        return lane.queued if lane is not None else 0
+        return capacity.lanes.get("batch") or Slots(limit=0, in_flight=0, queued=0, free=capacity.free)
     up = capacity.upstreams.get(upstream)
     if up is None:
-        return 0
-    lane = up.lanes.get("batch")
-    return (lane.queued if lane is not None else up.slots.queued)
+        return Slots(limit=0, in_flight=0, queued=0, free=0)
+    return up.lanes.get("batch") or up.slots

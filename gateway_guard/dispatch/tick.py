@@ -141,7 +141,8 @@ class Ticker:
             running = self.hermes.running()
             ready = self.hermes.ready() if needs_queue(self.policy, profile_free) else None
             decision = decide(
-                self.policy, Snapshot(free=free, running=running, ready=ready, profile_free=profile_free),
+                self.policy.without_queue(),
+                Snapshot(free=free, running=running, ready=ready, profile_free=profile_free),
                 self.clock(),
             )
             report.decision, report.stopped = decision, decision.stopped

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_guard.dispatch.board import BoardReader, SchemaUnknown, crash_grace_s, pid_alive
+from gateway_guard.dispatch.board import STARTING_MAX_S, BoardReader, SchemaUnknown, crash_grace_s, pid_alive
 from tests.dispatch.conftest import HermesBoard
 
 PRIORITIES = [1, 5, 5, 0]
@@ -74,3 +74,44 @@ def test_reads_a_real_board_and_notices_its_changes(board: HermesBoard) -> None:
         state = reader.read()
         # its parent is done: ready now (Hermes' complete promotes it), or promotable by the next pass
         assert child in {c.task_id for c in state.ready} or state.promotable == 1
+
+
+@pytest.mark.hermes
+def test_a_card_counts_as_starting_until_its_worker_first_heartbeats(board: HermesBoard) -> None:
+    """Hermes 0.19.0 workers heartbeat on their first activity, just before their first LLM request; the
+    stand-in workers never do, so the test gives the heartbeat by hand with ``hermes kanban heartbeat``."""
+    board.create(["worker1", "worker2"])
+    with BoardReader(board.db) as reader:
+        assert reader.heartbeats  # Hermes 0.19.0's task_runs carry them
+        board.cli("kanban", "dispatch", "--max", "2", "--json")
+        state = reader.read()
+        assert len(state.running) == 2 and state.starting == 2
+        first = state.running[0].task_id
+        version = reader.data_version()
+        board.cli("kanban", "heartbeat", first)
+        assert reader.data_version() != version  # a heartbeat wakes guard-dispatch run
+        state = reader.read()
+        assert state.starting == 1
+        assert [c.task_id for c in state.running if not c.starting] == [first]
+        later = BoardReader(board.db, clock=lambda: time.time() + STARTING_MAX_S + 1)
+        try:  # a worker silent for a minute after its claim is no longer counted as about to ask
+            assert later.read().starting == 0
+        finally:
+            later.close()
+        board.release_all()
+
+
+def test_without_heartbeat_columns_no_card_counts_as_starting(tmp_path: Path) -> None:
+    db = tmp_path / "kanban.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY, assignee TEXT, status TEXT, priority INTEGER, "
+                     "created_at INTEGER, started_at INTEGER, worker_pid INTEGER, claim_lock TEXT, "
+                     "claim_expires INTEGER, max_runtime_seconds INTEGER)")
+        conn.execute("CREATE TABLE task_links (parent_id TEXT, child_id TEXT)")
+        conn.execute("INSERT INTO tasks VALUES ('t1', 'w', 'running', 0, 0, ?, NULL, NULL, NULL, NULL)",
+                     (int(time.time()),))
+    conn.close()
+    with BoardReader(db) as reader:
+        assert not reader.heartbeats
+        state = reader.read()
+        assert len(state.running) == 1 and state.starting == 0

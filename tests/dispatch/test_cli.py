@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_guard.dispatch.cli import EXIT_CODE_HELP, ExitCode, Options, build_parser, main, run
+from gateway_guard.dispatch.cli import EXIT_CODE_HELP, ExitCode, Options, _configure, build_parser, main, run
 
 
 def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,3 +62,10 @@ def test_run_and_auto_target_arguments() -> None:
     err = io.StringIO()
     code = run(Options(command="run", target=2, max_running=4), env={"PATH": ""}, out=io.StringIO(), err=err)
     assert code is ExitCode.CONFIG_ERROR and "--max-running = 4: only applies with --target auto" in err.getvalue()
+    args = build_parser().parse_args(["run", "--target", "auto", "--queue-per-slot", "0.5"])
+    assert args.queue_per_slot == 0.5
+    assert _configure(Options(command="run", target="auto", queue_per_slot=3)).policy.queue_per_slot == 3
+    assert _configure(Options(command="run", target="auto")).policy.queue_per_slot == 2
+    err = io.StringIO()
+    code = run(Options(command="run", target=2, queue_per_slot=3), env={"PATH": ""}, out=io.StringIO(), err=err)
+    assert code is ExitCode.CONFIG_ERROR and "--queue-per-slot = 3: only applies with --target auto" in err.getvalue()

@@ -90,6 +90,12 @@ def test_auto_target_and_reservations() -> None:
     assert from_mapping({}).reserve is True and not from_mapping({}).policy.auto
     with pytest.raises(ConfigError, match="max_running.*only applies"):
         from_mapping({"target": 2, "max_running": 4})
+    assert from_mapping({"target": "auto"}).policy.queue_per_slot == 2
+    assert from_mapping({"target": "auto", "queue_per_slot": 0.5}).policy.queue_per_slot == 0.5
+    with pytest.raises(ConfigError, match="queue_per_slot = 1: only applies"):
+        from_mapping({"target": 2, "queue_per_slot": 1})
+    with pytest.raises(ConfigError, match="queue_per_slot = -1: must be a number from 0 to 1000"):
+        from_mapping({"target": "auto", "queue_per_slot": -1})
     with pytest.raises(ConfigError, match=r"target = 'lots': must be a whole number >= 0 or \"auto\""):
         from_mapping({"target": "lots"})
     with pytest.raises(ConfigError, match="reservation_ttl_s"):

@@ -159,11 +159,51 @@ def test_pool_overshoot_reports_pools_given_more_than_their_room() -> None:
     assert pool_overshoot(p, d, ["researcher", "planner", None, "x"]) == {"reasoning": 2}
 
 
-def test_auto_target_starts_into_free_slots_up_to_max_running_and_stops_when_requests_queue() -> None:
-    auto = Policy(schedule=Schedule(default_target=6), auto=True)
-    assert decide(auto, Snapshot(free=3, running={"w": 2}), NOON).add == 3  # more cards than slots: fine
-    assert decide(auto, Snapshot(free=5, running={"w": 2}), NOON).add == 4  # max_running bounds it
-    queued = decide(auto, Snapshot(free=2, running={"w": 2}, queued=1), NOON)
-    assert queued.add == 0 and queued.stop is Stop.GUARD_QUEUED
+def test_auto_target_without_a_queue_starts_into_free_slots_only() -> None:
+    auto = Policy(schedule=Schedule(default_target=6), auto=True, queue_per_slot=0)
+    assert decide(auto, Snapshot(free=3, running={"w": 2}, slots=3), NOON).add == 3  # more cards than slots: fine
+    assert decide(auto, Snapshot(free=5, running={"w": 2}, slots=5), NOON).add == 4  # max_running bounds it
+    queued = decide(auto, Snapshot(free=0, running={"w": 2}, queued=1, in_flight=2, slots=2), NOON)
+    assert (queued.add, queued.stop) == (0, Stop.GUARD_QUEUED)
     fixed = decide(policy(6), Snapshot(free=2, running={"w": 2}, queued=1), NOON)
     assert fixed.add == 2  # a fixed target reads free only (already net of the queue)
+
+
+@pytest.mark.parametrize(
+    ("free", "in_flight", "queued", "starting", "running", "add", "stop"),
+    [
+        (2, 0, 0, 0, 0, 2, Stop.GUARD_FREE),  # cold start: the free slots only, no queue before anything is served
+        (2, 0, 0, 2, 2, 0, Stop.STARTING),  # ... and nothing more while those two start
+        (1, 1, 0, 0, 0, 5, Stop.GUARD_FREE),  # serving: the free slot, and two waiting per slot (2 x 2)
+        (0, 2, 0, 0, 3, 3, Stop.TARGET),  # full, nothing waiting: four to start a queue, max_running (6) says 3
+        (0, 2, 1, 0, 2, 3, Stop.GUARD_FREE),
+        (0, 2, 4, 0, 3, 0, Stop.GUARD_QUEUED),  # the standing queue is there
+        (0, 2, 9, 0, 3, 0, Stop.GUARD_QUEUED),
+        (0, 2, 0, 4, 4, 0, Stop.STARTING),  # four workers starting will make the queue
+        (0, 2, 1, 2, 4, 1, Stop.GUARD_FREE),
+        (0, 2, 0, 0, 6, 0, Stop.AT_TARGET),
+        (-1, 2, 0, 0, 0, 4, Stop.GUARD_FREE),  # a negative free counts as 0
+    ],
+)
+def test_auto_target_counts_starting_cards_and_keeps_a_short_batch_queue(
+    free: int, in_flight: int, queued: int, starting: int, running: int, add: int, stop: Stop
+) -> None:
+    auto = Policy(schedule=Schedule(default_target=6), auto=True, queue_per_slot=2)
+    snapshot = Snapshot(free=free, running={"w": running}, queued=queued, in_flight=in_flight, slots=2,
+                        starting=starting)
+    decision = decide(auto, snapshot, NOON)
+    assert (decision.add, decision.stop) == (add, stop)
+
+
+def test_the_queue_is_per_slot_and_rounds_up() -> None:
+    auto = Policy(schedule=Schedule(default_target=100), auto=True, queue_per_slot=0.5)
+    assert decide(auto, Snapshot(free=0, running={}, in_flight=8, slots=8), NOON).add == 4
+    assert decide(auto, Snapshot(free=0, running={}, in_flight=3, slots=3), NOON).add == 2
+
+
+def test_a_tick_and_a_fixed_target_ignore_the_queue_and_starting_cards() -> None:
+    auto = Policy(schedule=Schedule(default_target=6), auto=True, queue_per_slot=2)
+    assert decide(auto.without_queue(), Snapshot(free=2, running={}, in_flight=1, slots=3), NOON).add == 2
+    assert decide(auto.without_queue(), Snapshot(free=0, running={}, in_flight=2, slots=2), NOON).add == 0
+    fixed = decide(policy(4), Snapshot(free=3, running={"w": 1}, in_flight=1, slots=4, starting=1), NOON)
+    assert (fixed.add, fixed.stop) == (3, Stop.TARGET)

@@ -209,6 +209,56 @@ def test_the_guard_stopping_stops_dispatch_until_it_is_back(board: HermesBoard, 
     assert [line["mode"] for line in bg.lines("guard_up")] == ["events", "events"]
 
 
+def test_auto_counts_starting_workers_as_demand_and_keeps_a_short_queue(
+    board: HermesBoard, monitor: RunningMonitor, capacity_server: CapacityServer
+) -> None:
+    """2 batch slots, --queue-per-slot 2, --max-running 8. The stand-in workers never ask for a slot, so they stay
+    "starting" (no heartbeat) until the test heartbeats them by hand (``hermes kanban heartbeat``, as a Hermes
+    worker does on its first activity), and the test sets what the guard reports. Cold (nothing served): the
+    two free slots only. Serving with nothing queued: four more (two waiting per slot), then nothing while they
+    start; each heartbeat turns a starting card into current demand and lets one more start, up to 8."""
+
+    def report(in_flight: int) -> None:
+        free = 2 - in_flight
+        capacity_server.report_free(free)
+        capacity_server.body["lanes"]["batch"].update(limit=2, in_flight=in_flight, queued=0, free=free)
+
+    def heartbeat(*tasks: str) -> None:
+        for task in tasks:
+            board.cli("kanban", "heartbeat", task)
+
+    report(0)
+    ids = board.create(["worker1", "worker2"] * 5)
+    bg = Background(board, capacity_server.url, target="auto", max_running=8, queue_per_slot=2)
+    try:
+        wait("2 spawned", lambda: sum(int(d["spawned"]) for d in bg.lines("dispatch")) == 2, board=board)
+        time.sleep(1.5)  # the two are starting and nothing is served: no queue is aimed at yet
+        assert len(board.running()) == 2, bg.out.getvalue()
+        cold = [task for task, _ in board.running()]
+        report(2)  # the two asked and are served
+        heartbeat(*cold)
+        wait("6 running", lambda: len(board.running()) == 6, board=board)
+        time.sleep(1.5)  # four starting cards are the queue to come: nothing more
+        assert len(board.running()) == 6, bg.out.getvalue()
+        queue = [task for task, _ in board.running() if task not in cold]
+        heartbeat(*queue[:2])
+        wait("8 running", lambda: len(board.running()) == 8, board=board)
+        heartbeat(*queue[2:])
+        time.sleep(1.5)  # nobody starting, nothing queued, but max_running is reached
+        assert len(board.running()) == 8, bg.out.getvalue()
+        board.release_all()
+        board.wait_done(*ids, timeout=90)
+    finally:
+        code = bg.stop()
+    assert code is ExitCode.OK
+    assert monitor.max_running == 8
+    dispatches = bg.lines("dispatch")
+    assert sum(int(d["spawned"]) for d in dispatches) == 10
+    assert all(int(d["running"]) + int(d["asked"]) <= 8 for d in dispatches)
+    assert dispatches[0]["asked"] == 2 and dispatches[0]["starting"] == 0, dispatches
+    assert bg.lines("start")[0]["target"] == "auto(max_running=8,queue_per_slot=2)"
+
+
 def test_a_dead_worker_is_reclaimed_once_its_grace_is_over(
     board: HermesBoard, capacity_server: CapacityServer
 ) -> None:
