@@ -3,13 +3,16 @@
 Two parts, both on 127.0.0.1 with a ``redis-server`` this script starts (free port, temp dir, no persistence):
 
 * **gate**: acquire + release of one permit, back to back, in this process: the in-memory ``Gate`` against a
-  ``ClusterGate`` on loopback Redis (rounds alternate the two; p50 / p99 per request over all rounds);
+  ``ClusterGate`` on loopback Redis, with its pool of idle leases (the next request reuses the lease: no call to
+  Redis) and without it (``keep_idle=0``: every request a round trip to Redis; what a request pays whenever
+  another replica waits) (rounds alternate; p50 / p99 per request over all rounds);
 * **guard** (``--guard``): requests/s of ``gateway-guard`` processes in front of the zero-work sim
   (``python -m gateway_guard.sim --mode zero``), non-streamed chat completions from ``--concurrency`` clients in a
   closed loop: one replica with the in-memory gate, then one, two and three replicas sharing one Redis (the
   clients spread over the replicas). Each replica is pinned to ``--proxy-cpu`` with taskset; with more replicas
   than cores they share them, so the table also gives requests per CPU-second of the guard processes. The
   sim reports the most requests it ever held at once (``sim:max_concurrent_seen``): it must stay at the cap.
+  Redis's own command counts give the script calls (``EVALSHA``) per request of each set-up.
 
 Usage: ``.venv/bin/python benchmarks/cluster.py [--requests 3000] [--rounds 3] [--guard --seconds 5]``
 """
@@ -96,16 +99,25 @@ async def gate_part(url: str, requests: int, rounds: int) -> None:
     redis = connect(ClusterSpec(redis_url=url))
     await redis.set(f"{prefix_for('bench')}:epoch", 0)  # a running cluster: no first-start quiet period
     local = Gate("bench", FixedLimit(8), LANES)
-    shared = ClusterGate("bench", FixedLimit(8), LANES, store=LeaseStore(redis, "bench", "r1", lease_ms=10_000))
-    samples: dict[str, list[float]] = {"in-memory": [], "shared (Redis)": []}
+    pooled = ClusterGate("bench", FixedLimit(8), LANES, store=LeaseStore(redis, "bench", "r1", lease_ms=10_000))
+    unpooled = ClusterGate(
+        "bench", FixedLimit(8), LANES, store=LeaseStore(redis, "bench", "r2", lease_ms=10_000), keep_idle=0
+    )
+    gates: dict[str, Gate | ClusterGate] = {
+        "in-memory": local,
+        "shared (Redis), pool": pooled,
+        "shared (Redis), no pool": unpooled,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in gates}
     try:
-        await time_gate(local, 200)  # warm both (scripts loaded, connections open)
-        await time_gate(shared, 200)
+        for gate in gates.values():
+            await time_gate(gate, 200)  # warm (scripts loaded, connections open, subscribed)
         for _ in range(rounds):
-            samples["in-memory"] += await time_gate(local, requests)
-            samples["shared (Redis)"] += await time_gate(shared, requests)
+            for name, gate in gates.items():
+                samples[name] += await time_gate(gate, requests)
     finally:
-        await shared.aclose()
+        await pooled.aclose()
+        await unpooled.aclose()
         await redis.aclose()
     base = percentile(samples["in-memory"], 50)
     rows = []
@@ -193,26 +205,50 @@ def guard_part(redis_url: str, redis_pid: int, args: argparse.Namespace) -> None
         }
         rates: dict[str, list[float]] = {name: [] for name in setups}
         per_cpu: dict[str, list[float]] = {name: [] for name in setups}
+        calls: dict[str, list[float]] = {name: [] for name in setups}
         errors = 0
         for _ in range(args.rounds):
             for name, members in setups.items():
-                cpu0 = sum(cpu_seconds(pid) for _, pid in members)
+                cpu0, calls0 = sum(cpu_seconds(pid) for _, pid in members), script_calls(redis_url)
                 rate, failed = asyncio.run(closed_loop([port for port, _ in members], args.concurrency, args.seconds))
                 cpu = sum(cpu_seconds(pid) for _, pid in members) - cpu0
                 rates[name].append(rate)
                 per_cpu[name].append(rate * args.seconds / cpu if cpu else float("nan"))
+                # warm-up second included: calls per request served in the whole phase (an upper bound)
+                calls[name].append((script_calls(redis_url) - calls0) / max(1.0, rate * args.seconds))
                 errors += failed
         seen = asyncio.run(sim_max_seen(sim.url))
     base = statistics.median(rates["in-memory x1"])
     rows = []
     for name in setups:
         rate = statistics.median(rates[name])
-        rows.append([name, f"{rate:.0f}", f"{rate / base:.2f}", f"{statistics.median(per_cpu[name]):.0f}"])
-    print(table(["gate x replicas", "req/s (median)", "vs in-memory", "req per guard CPU-s"], rows))
+        rows.append(
+            [
+                name,
+                f"{rate:.0f}",
+                f"{rate / base:.2f}",
+                f"{statistics.median(per_cpu[name]):.0f}",
+                f"{statistics.median(calls[name]):.3f}",
+            ]
+        )
+    headers = ["gate x replicas", "req/s (median)", "vs in-memory", "req per guard CPU-s", "Redis calls per req"]
+    print(table(headers, rows))
     print(
         f"cap {args.cap}; {args.concurrency} clients spread over the replicas; {args.rounds} rounds of "
         f"{args.seconds:g} s per set-up, alternating; errors: {errors}; most the sim held at once: {int(seen)}"
     )
+
+
+def script_calls(url: str) -> int:
+    """Script calls (EVALSHA / EVAL) the Redis server has run so far: every call of the shared gate is one."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
 
 
 def mark_booted(url: str, prefix: str) -> None:
