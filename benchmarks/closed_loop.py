@@ -11,20 +11,29 @@ board is a fresh copy with --cards ready cards; the variants run one after anoth
   (b) hermes  ``hermes kanban dispatch --max T`` every 5 s
   (c) tick    ``guard-dispatch tick --target T`` every 5 s (a new process each time, as cron runs it)
   (d) run     ``guard-dispatch run --target T``
-  (e) auto    ``guard-dispatch run --target auto --max-running M``
+  (e) auto    ``guard-dispatch run --target auto --max-running M --queue-per-slot Q``
   (f), (g)    (d) and (e) with reservations (the guard's admin token given: a slot booked per card started)
 
 (d) and (e) book no slots unless --reserve; (f) and (g) always do.
 
 Sampled every 0.1 s from the board's SQLite file (read-only) and GET /guard/capacity: wall time until no
 card is ready or running, mean running / T while cards wait ("backlog"), the guard's slot use
-(time-weighted in_flight / limit while cards wait, and over the whole run), most workers alive at once,
-most requests in flight at the guard (never above the cap), and failed runs (task_runs whose outcome is
-not 'completed').
+(time-weighted in_flight / limit while cards wait; the same from the first LLM request on, since before a
+worker is up no dispatcher can have a request at the guard; and over the whole run), the share of the
+backlog spent at the variant's bound (T, or M for (e)), most workers alive at once, most requests in flight
+at the guard (never above the cap), and failed runs (task_runs whose outcome is not 'completed').
+
+A second table says where a card's time goes: claim to done, claim to the worker's first LLM request, its
+LLM calls (queueing at the guard included) and tools (from the worker's session in its profile's state.db,
+where Hermes stores each message with its time), done to the worker's exit, a finished card to the next
+claim; the sum of the cards' claim-to-done times over T (no dispatcher that keeps at most T running can
+empty the board sooner); the backlog's share with a free slot and nothing queued; the host's CPU use; the
+guard's batch queue waits (mean, and how many waited past aging_seconds = 10 s, after which a batch request
+ranks ahead of new interactive ones); the workers' resident memory.
 
     .venv/bin/python benchmarks/closed_loop.py [--cards 12] [--target 2] [--slots 2] [--rounds 1]
-        [--steps 4] [--tool-seconds 2] [--tokens-per-second 10] [--max-running 6] [--seconds 600]
-        [--only a,b,c,d,e] [--reserve]
+        [--steps 4] [--tool-seconds 2] [--tokens-per-second 10] [--max-running 8] [--queue-per-slot 2]
+        [--seconds 600] [--only a,b,c,d,e] [--reserve] [--keep DIR]
 
 Everything runs on 127.0.0.1; every process it starts is stopped by its PID; every loop is bounded by
 --seconds per variant.
@@ -147,6 +156,7 @@ class Watcher:
         self.done: dict[str, float] = {}  # card -> epoch time first seen done
         self.exited: dict[int, float] = {}  # worker pid -> epoch time first seen gone
         self._cpu = _cpu_times()
+        self.max_rss_mb = self.max_worker_mb = 0.0  # resident memory of the workers alive at once, of one
 
     def sample(self, t: float) -> tuple[int, int]:
         now = time.time()
@@ -163,6 +173,9 @@ class Watcher:
                 self.pids.add(int(pid))
                 self.worker[int(pid)] = str(task_id)
         self.track_exits(now)
+        rss = [_rss_mb(pid) for pid in self.pids - set(self.exited)]
+        self.max_rss_mb = max(self.max_rss_mb, sum(rss))
+        self.max_worker_mb = max([self.max_worker_mb, *rss])
         try:
             up = self.guard.get("/guard/capacity").json()["upstreams"]["sim"]
             in_flight, limit, queued = int(up["in_flight"]), int(up["limit"]), int(up["queued"])
@@ -182,6 +195,25 @@ class Watcher:
         s.cpu_busy.append(s_busy)
         return counts.get("ready", 0) + counts.get("running", 0) + counts.get("todo", 0), counts.get("done", 0)
 
+    def batch_waits(self) -> tuple[float, float, float]:
+        """The guard's batch queue waits so far: (count, sum of seconds, count over 10 s = aging_seconds)."""
+        count = total = over = 0.0
+        try:
+            text = self.guard.get("/metrics").text
+        except httpx.HTTPError:
+            return count, total, over
+        for line in text.splitlines():
+            if not line.startswith("gateway_guard_queue_wait_seconds") or 'lane="batch"' not in line:
+                continue
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith("gateway_guard_queue_wait_seconds_count"):
+                count = value
+            elif line.startswith("gateway_guard_queue_wait_seconds_sum"):
+                total = value
+            elif 'le="10.0"' in line:
+                over = -value
+        return count, total, over + count
+
     def track_exits(self, now: float) -> None:
         for pid in self.pids - set(self.exited):
             if not _alive(pid):
@@ -198,6 +230,14 @@ class Watcher:
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _cpu_times() -> tuple[float, float]:
@@ -293,6 +333,7 @@ def run_variant(variant: str, template: Path, work: Path, guard_url: str, args: 
         list(pool.map(lambda i: cli(env, "kanban", "create", f"card {i}", "--assignee", assignees[i], "--json"),
                       range(args.cards)))
     watcher = Watcher(home / "kanban.db", guard_url)
+    waits_before = watcher.batch_waits()
     started = time.monotonic()
     elapsed = float("nan")
     try:
@@ -311,7 +352,9 @@ def run_variant(variant: str, template: Path, work: Path, guard_url: str, args: 
             time.sleep(0.1)
         if args.keep is not None:
             (work / f"{variant}{n}.samples.json").write_text(json.dumps(vars(watcher.samples)))
-        return summarise(variant, watcher, elapsed, args) | phases(home, watcher, args)
+        count, total, over = (a - b for a, b in zip(watcher.batch_waits(), waits_before, strict=True))
+        waits = {"batch_wait_mean_s": total / count if count else 0.0, "batch_waits_over_aging": int(over)}
+        return summarise(variant, watcher, elapsed, args) | phases(home, watcher, args) | waits
     finally:
         watcher.close()
 
@@ -349,6 +392,7 @@ def summarise(variant: str, w: Watcher, elapsed: float, args: argparse.Namespace
         "slot_free_no_queue": idle_t / backlog_t if backlog_t else float("nan"),
         "max_running": max(s.running, default=0), "max_alive": max(s.alive, default=0),
         "max_in_flight": max(s.in_flight, default=0), "failed_runs": w.failed_runs(),
+        "workers_rss_mb": w.max_rss_mb, "worker_rss_mb": w.max_worker_mb,
     }
 
 
@@ -402,7 +446,7 @@ def main() -> int:
     parser.add_argument("--cards", type=int, default=12)
     parser.add_argument("--target", type=int, default=2, help="T: running cards for (a)-(d)")
     parser.add_argument("--slots", type=int, default=2, help="the guard's cap (and the sim's slots)")
-    parser.add_argument("--max-running", type=int, default=6, help="(e)'s bound on running cards")
+    parser.add_argument("--max-running", type=int, default=8, help="(e)'s bound on running cards (the default's)")
     parser.add_argument("--queue-per-slot", type=float, default=2.0,
                         help="(e)'s batch requests to keep waiting per slot")
     parser.add_argument("--steps", type=int, default=4, help="tool turns per card (sim --steps)")
@@ -479,10 +523,12 @@ def print_table(results: list[dict[str, object]], args: argparse.Namespace) -> N
     rows = [[f"({r['variant']})", f"{r['card_s']:.1f}", f"{r['start_s']:.1f}", f"{r['llm_s']:.1f}",
              f"{r['tool_s']:.1f}", f"{r['linger_s']:.1f}", f"{r['react_s']:.2f} / {r['react_max_s']:.2f}",
              f"{r['work_bound_s']:.1f}", f"{r['wall_s']:.1f}", f"{r['slot_free_no_queue']:.2f}",
-             f"{r['cpu_busy']:.2f}"] for r in results]
+             f"{r['cpu_busy']:.2f}", f"{r['batch_wait_mean_s']:.2f} / {r['batch_waits_over_aging']}",
+             f"{r['workers_rss_mb']:.0f} / {r['worker_rss_mb']:.0f}"] for r in results]
     print(table(["dispatcher", "claim to done", "claim to first LLM request", "LLM calls (queue incl.)",
                  "tools", "done to worker exit", "finish to next claim (mean / max)", "cards / T", "board empty in",
-                 "slot free, none queued (backlog)", "host CPU busy (backlog)"],
+                 "slot free, none queued (backlog)", "host CPU busy (backlog)",
+                 "batch queue wait: mean s / requests over 10 s", "workers' RSS MB: most at once / one"],
                 rows))
 
 
