@@ -3,13 +3,22 @@
 One ``gateway-guard`` process with default [server] settings (``--upstream SIM --max-inflight 4``) in front of
 ``python -m gateway_guard.sim --mode zero``. Phases, each ``--seconds`` long:
 
-* **idle**: one normal client sends small non-streamed chat completions back to back (p50 / p99 latency);
+* **idle**: one normal client sends a small non-streamed chat completion every ``--interval`` (10 ms; 0 = back
+  to back) on one keep-alive connection (p50 / p99 latency of each, from its send to its last byte);
 * **attacked**: the same client while, at once,
   - a header flood: ``--flooders`` connections, each streaming 15 MB of one header line that never ends
     (reconnecting when cut);
   - stalled bodies: ``--stalled`` connections, each declaring a 15 MB body and sending it one byte short;
   - ``--idle-conns`` silent connections (reopened when closed);
-  - a ``/metrics`` flood: ``--scrapers`` clients scraping back to back.
+  - a ``/metrics`` flood: ``--scrapers`` clients scraping back to back (Retry-After ignored).
+
+Set-up (printed with the figures): the guard alone on ``--guard-cpu`` (taskset); the sim, the normal client
+and the attacker on ``--client-cpu``. The attack runs in its own process (its 1,200 connections and 150 httpx
+clients would otherwise share an event loop with the normal client and time that loop rather than the guard),
+by default at ``SCHED_IDLE`` (``--attacker-sched idle``): on a real host the attacker is another machine, so
+it should not take the CPU that the normal client and the sim need on their shared core; it still gets all
+of that core the two leave idle. ``--attacker-sched normal`` gives it an equal share instead; ``--no-pin``
+runs everything unpinned. Both phases run under the same set-up.
 
 The guard's RSS is sampled every 100 ms (peak printed). The sim's ``sim:requests_total`` is read before and
 after: the attacks must add nothing to it (only the normal client's requests reach the upstream).
@@ -22,15 +31,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import resource
+import shutil
+import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HOST, HttpError, RawClient, free_port, guard_argv, percentile, process, raw_post, sim_argv, table
+from _common import (
+    HOST,
+    HttpError,
+    RawClient,
+    free_port,
+    guard_argv,
+    percentile,
+    pin_self,
+    pinned,
+    process,
+    raw_post,
+    sim_argv,
+    table,
+)
 
 MB = 1024 * 1024
 CHAT = b'{"model":"sim","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'
@@ -44,6 +71,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sim_requests(url: str) -> int:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for line in text.splitlines():
@@ -52,15 +84,19 @@ def sim_requests(url: str) -> int:
     raise RuntimeError("sim:requests_total not found")
 
 
-async def normal_client(port: int, seconds: float, retries: list[int]) -> list[float]:
-    """Requests back to back; one that fails (a closed connection, a 503 at max_connections) is sent again on
+async def normal_client(port: int, seconds: float, retries: list[int], interval: float) -> list[float]:
+    """One request every ``interval`` seconds (0: back to back) on one keep-alive connection, each timed from
+    its send to its last byte; one that fails (a closed connection, a 503 at max_connections) is sent again on
     a new connection and counted in ``retries``, its latency including the retry."""
     client = RawClient(HOST, port)
     request = raw_post(HOST, port, "/v1/chat/completions", CHAT, {"x-guard-lane": "interactive"})
     latencies: list[float] = []
-    end = time.monotonic() + seconds
+    start = time.monotonic()
+    end = start + seconds
     try:
         while time.monotonic() < end:
+            if interval:
+                await asyncio.sleep(max(0.0, start + len(latencies) * interval - time.monotonic()))
             t0 = time.perf_counter()
             for attempt in range(20):
                 try:
@@ -80,11 +116,15 @@ async def normal_client(port: int, seconds: float, retries: list[int]) -> list[f
     return latencies
 
 
-async def header_flooder(port: int, stop: asyncio.Event) -> None:
+# -- the attacker (its own process: ``edge.py --attack PORT ...``) ----------------------------------------------
+
+
+async def header_flooder(port: int, stop: asyncio.Event, seen: Counter[str]) -> None:
     chunk = b"a" * (256 * 1024)
     while not stop.is_set():
         with contextlib.suppress(OSError):
             _, writer = await asyncio.open_connection(HOST, port)
+            seen["flood connections"] += 1
             try:
                 writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-flood: ")
                 for _ in range(60):
@@ -92,12 +132,13 @@ async def header_flooder(port: int, stop: asyncio.Event) -> None:
                         break
                     writer.write(chunk)
                     await writer.drain()
+                    seen["flood MB sent"] += len(chunk) / MB
             finally:
                 writer.close()
         await asyncio.sleep(0.05)
 
 
-async def stalled_body(port: int, stop: asyncio.Event) -> None:
+async def stalled_body(port: int, stop: asyncio.Event, seen: Counter[str]) -> None:
     size = 15 * MB
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -107,6 +148,7 @@ async def stalled_body(port: int, stop: asyncio.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(OSError):
             reader, writer = await asyncio.open_connection(HOST, port)
+            seen["stalled connections"] += 1
             try:
                 writer.write(head.encode())
                 for i in range(15):
@@ -122,11 +164,12 @@ async def stalled_body(port: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.05)
 
 
-async def idle_connections(port: int, n: int, stop: asyncio.Event) -> None:
+async def idle_connections(port: int, n: int, stop: asyncio.Event, seen: Counter[str]) -> None:
     async def one() -> None:
         while not stop.is_set():
             with contextlib.suppress(OSError):
                 reader, writer = await asyncio.open_connection(HOST, port)
+                seen["idle connections opened"] += 1
                 try:
                     stop_wait = asyncio.ensure_future(stop.wait())
                     closed = asyncio.ensure_future(reader.read())
@@ -140,14 +183,43 @@ async def idle_connections(port: int, n: int, stop: asyncio.Event) -> None:
     await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def scraper(url: str, stop: asyncio.Event) -> int:
-    done = 0
+async def scraper(url: str, stop: asyncio.Event, seen: Counter[str]) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         while not stop.is_set():
-            with contextlib.suppress(httpx.HTTPError):
-                await client.get(f"{url}/metrics")
-                done += 1
-    return done
+            try:
+                answer = await client.get(f"{url}/metrics")
+                seen[f"/metrics {answer.status_code}"] += 1
+            except httpx.HTTPError:
+                seen["/metrics failed"] += 1
+
+
+async def attack(args: argparse.Namespace) -> None:
+    """Runs every attack at once until stdin closes; then prints what it did as one JSON line."""
+    port, url = args.attack, f"http://{HOST}:{args.attack}"
+    stop = asyncio.Event()
+    seen: Counter[str] = Counter()
+    tasks = [asyncio.create_task(header_flooder(port, stop, seen)) for _ in range(args.flooders)]
+    tasks += [asyncio.create_task(stalled_body(port, stop, seen)) for _ in range(args.stalled)]
+    tasks.append(asyncio.create_task(idle_connections(port, args.idle_conns, stop, seen)))
+    tasks += [asyncio.create_task(scraper(url, stop, seen)) for _ in range(args.scrapers)]
+    started = time.monotonic()
+    await asyncio.to_thread(sys.stdin.read)  # the parent closes our stdin to stop us
+    stop.set()
+    elapsed = time.monotonic() - started
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps({"seconds": elapsed, **seen}), flush=True)
+
+
+def attacker_argv(args: argparse.Namespace, port: int, cpu: str | None) -> list[str]:
+    argv = [sys.executable, __file__, "--attack", str(port), "--attacker-sched", args.attacker_sched]
+    argv += ["--flooders", str(args.flooders), "--stalled", str(args.stalled)]
+    argv += ["--idle-conns", str(args.idle_conns), "--scrapers", str(args.scrapers)]
+    return pinned(argv, cpu)
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
 
 
 async def sample_rss(pid: int, stop: asyncio.Event, peaks: list[float]) -> None:
@@ -158,22 +230,25 @@ async def sample_rss(pid: int, stop: asyncio.Event, peaks: list[float]) -> None:
 
 
 async def attacked(
-    args: argparse.Namespace, port: int, url: str, pid: int, retries: list[int]
-) -> tuple[list[float], float, int]:
+    args: argparse.Namespace, port: int, pid: int, retries: list[int], cpu: str | None
+) -> tuple[list[float], float, dict[str, float]]:
     stop = asyncio.Event()
     peaks: list[float] = []
-    tasks = [asyncio.create_task(header_flooder(port, stop)) for _ in range(args.flooders)]
-    tasks += [asyncio.create_task(stalled_body(port, stop)) for _ in range(args.stalled)]
-    tasks.append(asyncio.create_task(idle_connections(port, args.idle_conns, stop)))
-    scrapers = [asyncio.create_task(scraper(url, stop)) for _ in range(args.scrapers)]
-    tasks.append(asyncio.create_task(sample_rss(pid, stop, peaks)))
-    await asyncio.sleep(2)  # let the attack build up
-    latencies = await normal_client(port, args.seconds, retries)
-    stop.set()
-    scraped = sum(await asyncio.gather(*scrapers))
-    async with asyncio.timeout(30):
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return latencies, max(peaks), scraped
+    sampler = asyncio.create_task(sample_rss(pid, stop, peaks))
+    attacker = await asyncio.create_subprocess_exec(
+        *attacker_argv(args, port, cpu), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        await asyncio.sleep(2)  # let the attack build up
+        latencies = await normal_client(port, args.seconds, retries, args.interval)
+    finally:
+        assert attacker.stdin is not None
+        attacker.stdin.close()
+        out, _ = await asyncio.wait_for(attacker.communicate(), 60)
+        stop.set()
+        await sampler
+    done: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    return latencies, max(peaks), done
 
 
 def ms(values: list[float], q: float) -> str:
@@ -183,40 +258,63 @@ def ms(values: list[float], q: float) -> str:
 async def main_async(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.idle_conns * 2 + 1024)), hard))
+    pinning = not args.no_pin and bool(shutil.which("taskset")) and pin_self(args.client_cpu)
+    guard_cpu, client_cpu = (args.guard_cpu, args.client_cpu) if pinning else (None, None)
     sim_port, guard_port = free_port(), free_port()
     sim_url, guard_url = f"http://{HOST}:{sim_port}", f"http://{HOST}:{guard_port}"
     with (
-        process("sim", sim_argv(sim_port, "--mode", "zero", "--slots", "8"), sim_url),
-        process("guard", guard_argv(guard_port, sim_url, 4), guard_url, health="/guard/health") as guard,
+        process("sim", pinned(sim_argv(sim_port, "--mode", "zero", "--slots", "8"), client_cpu), sim_url),
+        process(
+            "guard", pinned(guard_argv(guard_port, sim_url, 4), guard_cpu), guard_url, health="/guard/health"
+        ) as guard,
     ):
         pid = guard.popen.pid
         idle_retries: list[int] = []
         retries: list[int] = []
-        await normal_client(guard_port, 1.0, idle_retries)  # warm-up
+        await normal_client(guard_port, 1.0, idle_retries, 0.0)  # warm-up
         before_idle = sim_requests(sim_url)
-        idle = await normal_client(guard_port, args.seconds, idle_retries)
+        cpu0 = cpu_seconds(pid)
+        idle = await normal_client(guard_port, args.seconds, idle_retries, args.interval)
+        idle_cpu = cpu_seconds(pid) - cpu0
         idle_rss = rss_mb(pid)
         before_attack = sim_requests(sim_url)
-        under, peak, scraped = await attacked(args, guard_port, guard_url, pid, retries)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        under, peak, done = await attacked(args, guard_port, pid, retries, client_cpu)
+        attack_cpu, attack_wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
         after_attack = sim_requests(sim_url)
         after_rss = rss_mb(pid)
-        log = guard.log_tail(200_000)
+        log = guard.log_tail(400_000)
     extra = (after_attack - before_attack) - len(under)
+    where = f"guard on CPU {args.guard_cpu}; sim, normal client, attacker on CPU {args.client_cpu}"
+    sched = "attacker at SCHED_IDLE" if args.attacker_sched == "idle" else "attacker at normal priority"
     print(f"guard defaults, {args.seconds:.0f} s per phase; attack: {args.flooders} header flooders (15 MB each),")
     print(f"{args.stalled} stalled 15 MB bodies, {args.idle_conns} idle connections, {args.scrapers} /metrics scrapers")
+    pace = f"one request every {args.interval * 1000:.0f} ms" if args.interval else "requests back to back"
+    print(f"set-up: {where if pinning else 'no pinning'}, {sched}; normal client: {pace}")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
     print(
         table(
-            ["phase", "requests", "p50 ms", "p99 ms", "guard RSS MB"],
+            ["phase", "requests", "p50 ms", "p99 ms", "guard RSS MB", "guard CPU"],
             [
-                ["idle", len(idle), ms(idle, 50), ms(idle, 99), f"{idle_rss:.0f}"],
-                ["attacked", len(under), ms(under, 50), ms(under, 99), f"{peak:.0f} (peak), {after_rss:.0f} after"],
+                ["idle", len(idle), ms(idle, 50), ms(idle, 99), f"{idle_rss:.0f}", f"{idle_cpu / args.seconds:.0%}"],
+                [
+                    "attacked",
+                    len(under),
+                    ms(under, 50),
+                    ms(under, 99),
+                    f"{peak:.0f} (peak), {after_rss:.0f} after",
+                    f"{attack_cpu / attack_wall:.0%}",
+                ],
             ],
         )
     )
     print()
     ratio = percentile(under, 50) / percentile(idle, 50)
-    print(f"p50 attacked / idle: {ratio:.2f}x;  /metrics scrapes answered: {scraped}")
+    print(f"p50 attacked / idle: {ratio:.2f}x")
+    secs = done.pop("seconds")
+    rates = ", ".join(f"{k} {v:.0f} ({v / secs:.0f}/s)" for k, v in sorted(done.items()))
+    print(f"the attack ({secs:.1f} s): {rates}")
     print(
         f"normal requests sent again: idle {len(idle_retries)}, attacked {len(retries)} "
         f"(statuses {sorted(set(retries))}, 0 = connection closed)"
@@ -225,9 +323,11 @@ async def main_async(args: argparse.Namespace) -> None:
         f"upstream requests beyond the normal client's during the attack: {extra} (idle phase: "
         f"{before_attack - before_idle - len(idle)})"
     )
+    counts = {s: log.count(f" {s} from ") for s in (431, 408, 413, 429, 503)}
     print(
-        f"edge refusals logged: 431 x{log.count(' 431 from ')}, 408 x{log.count(' 408 from ')}, "
-        f"413 x{log.count(' 413 from ')}, 503 x{log.count(' 503 from ')}, budget 429 x{log.count('status=429')}"
+        "edge refusals logged (rate-limited lines, not counts): "
+        + ", ".join(f"{s} x{n}" for s, n in counts.items())
+        + f"; proxy budget 429 x{log.count('status=429')}"
     )
 
 
@@ -238,7 +338,21 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=40)
     parser.add_argument("--idle-conns", type=int, default=1000)
     parser.add_argument("--scrapers", type=int, default=150)
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--interval", type=float, default=0.01, help="the normal client's pace (0: back to back)")
+    parser.add_argument("--guard-cpu", default="0", help="CPU list for the guard (taskset)")
+    parser.add_argument("--client-cpu", default="1", help="CPU list for the sim, the normal client, the attacker")
+    parser.add_argument("--no-pin", action="store_true", help="run everything unpinned")
+    parser.add_argument("--attacker-sched", choices=["idle", "normal"], default="idle")
+    parser.add_argument("--attack", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the attacker process
+    args = parser.parse_args()
+    if args.attack is not None:
+        if args.attacker_sched == "idle" and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.idle_conns * 2 + 1024)), hard))
+        asyncio.run(attack(args))
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import uvicorn
 
 from gateway_guard.app.edge import EdgeLimits, edge_protocol
 from gateway_guard.app.factory import build_app
+from gateway_guard.app.read_limit import ReadLimit
 from gateway_guard.errors import ConfigError
 from gateway_guard.settings import Settings, load_settings
 from gateway_guard.telemetry import JsonLogFormatter
@@ -126,7 +127,11 @@ async def serve(
         lifespan="on",
         timeout_graceful_shutdown=30,
         # the edge: header size/count/time, body size/time, connections and idle ones bounded (app/edge.py)
-        http=edge_protocol(EdgeLimits.from_settings(server)),
+        http=edge_protocol(
+            EdgeLimits.from_settings(server),
+            bodies=app.state.body_budget,  # a declared body that cannot fit: 429 before a byte of it is read
+            read_limit=ReadLimit(lambda: app.state.guard.settings.server),  # live: a reload may change it
+        ),
         ws="none",
         timeout_keep_alive=server.keep_alive_timeout,  # type: ignore[arg-type]  # a float works (call_later)
     )

@@ -104,6 +104,7 @@ class ServerSettings:
     body_budget_bytes: int = 256 * 1024 * 1024  # bodies held by the proxy at once (global); past it: 429
     metrics_token: str | None = field(default=None, repr=False)  # when set, GET /metrics needs it (Bearer)
     status_page: str = "open"  # GET /guard/: "open" (like /guard/capacity), "token" (admin token) or "off"
+    read_rate: float = 50.0  # requests/s to each of the guard's read endpoints (/metrics, ...); past it: 429; 0 = off
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -349,7 +350,10 @@ def _parse_server(t: _Table, env: Mapping[str, str]) -> ServerSettings:
         body_budget_bytes=t.positive_int("body_budget_bytes", d.body_budget_bytes) or d.body_budget_bytes,
         metrics_token=t.get("metrics_token", str, None) or env.get("GUARD_METRICS_TOKEN") or None,
         status_page=t.get("status_page", str, d.status_page),
+        read_rate=t.get("read_rate", float, d.read_rate),
     )
+    if server.read_rate < 0:
+        raise ConfigError(t.key("read_rate"), "must be requests per second >= 0 (0: no limit)", server.read_rate)
     if server.status_page not in STATUS_PAGE_MODES:
         raise ConfigError(t.key("status_page"), 'must be "open", "token" or "off"', server.status_page)
     if server.status_page == "token" and not server.admin_token:

@@ -9,14 +9,20 @@ connections before ``limit_concurrency`` answers 503 *after* reading the headers
 - body not complete ``body_timeout`` after the headers (slow body, unfinished chunked body): **408**, closed;
 - a body over ``max_body_bytes`` (declared or counted; ``GUARD_BODY_BYTES`` for the guard's own endpoints):
   **413**, closed;
-- over ``max_connections`` open: the oldest silent one (connected ``FRESH_GRACE`` ago, no byte sent) is
-  closed, else the oldest idle keep-alive one, else **503**; over
+- a proxied body whose declared length does not fit in what is left of the body budget (``app/asgi.py``,
+  ``BodyBudget``, ``server.body_budget_bytes``): **429** + ``Retry-After``, closed, before a byte of it is
+  read; the proxy meters the bodies it does read (chunked ones, and those that raced for the same room);
+- over ``max_connections`` open: the least valuable connection is closed to make room (``app/edge_room.py``:
+  silent ones, then ones stuck in their headers, then idle kept-alive ones), else **503**; over
   ``max_idle_connections`` idle keep-alive connections: the oldest is closed; an idle one is closed after
-  ``keep_alive_timeout``.
+  ``keep_alive_timeout``;
+- reads of the guard's own endpoints past ``server.read_rate`` (``app/read_limit.py``): **429** +
+  ``Retry-After`` written here, the connection kept alive, the app never called.
 
-Each refusal is one warning line on ``gateway_guard.edge`` (status, reason, peer, escaped path; at most 50 at
-once and 10 a second after that, the next line counting those left out). The bodies
-themselves are counted against the global body budget by the proxy (``app/asgi.py``, ``BodyBudget``).
+A head that cannot end within ``max_header_bytes`` is refused from the bytes as they arrive, before the parser
+sees them, so a header flood costs one socket read per connection. Each refusal is one warning line on
+``gateway_guard.edge`` (status, reason, peer, escaped path; at most 50 at once and 10 a second after that, the
+next line counting those left out).
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway_guard.app.asgi import BodyBudget, BodyBudgetFull
+from gateway_guard.app.edge_room import Room
+from gateway_guard.app.read_limit import ReadLimit
 from gateway_guard.settings import ServerSettings
 from gateway_guard.telemetry.access_log import escape
 
 log = logging.getLogger("gateway_guard.edge")
 
-FRESH_GRACE = 1.0  # seconds a new connection may stay silent before it can be closed to make room
 GUARD_BODY_BYTES = 64 * 1024  # bodies of /guard/* and anything not proxied: small JSON at most
 PROXIED = (b"/v1/", b"/api/", b"/p/")
 
@@ -63,83 +71,28 @@ class EdgeLimits:
         )
 
 
-class _LogBudget:
-    """At most ``burst`` refusal lines at once and ``rate`` a second after that, so an attack cannot fill the
-    disk through the log; the next line that is written says how many were left out."""
-
-    __slots__ = ("at", "burst", "left_out", "level", "rate")
-
-    def __init__(self, rate: float = 10.0, burst: float = 50.0) -> None:
-        self.rate, self.burst = rate, burst
-        self.level, self.at, self.left_out = burst, 0.0, 0
-
-    def take(self, now: float) -> bool:
-        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
-        self.at = now
-        if self.level >= 1:
-            self.level -= 1
-            return True
-        self.left_out += 1
-        return False
-
-
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing; the refusal has already been answered."""
 
 
-class _Idle:
-    """One server's connections that hold no request, oldest first (dicts keep insertion order): ``waiting``
-    between requests (kept alive, at most ``max_idle_connections``), ``fresh`` ones that have sent nothing."""
-
-    __slots__ = ("closing", "fresh", "log_budget", "waiting")
-
-    def __init__(self) -> None:
-        self.waiting: dict[EdgeProtocol, None] = {}
-        self.fresh: dict[EdgeProtocol, float] = {}  # -> when it connected (loop time)
-        self.closing = 0  # connections the guard has closed that have not yet been reported lost
-        self.log_budget = _LogBudget()
-
-    def discard(self, conn: EdgeProtocol) -> None:
-        self.waiting.pop(conn, None)
-        self.fresh.pop(conn, None)
-
-    def add_waiting(self, conn: EdgeProtocol, limit: int) -> None:
-        self.waiting[conn] = None
-        while len(self.waiting) > limit:
-            oldest = next(iter(self.waiting))
-            del self.waiting[oldest]
-            oldest.drop("more idle keep-alive connections than server.max_idle_connections")
-
-    def close_oldest(self, now: float, reason: str) -> bool:
-        """The oldest connection that has been silent for ``FRESH_GRACE`` (likely hostile: a real client sends
-        its request at once), else the oldest kept-alive one; False if there is none."""
-        if self.fresh:
-            oldest, since = next(iter(self.fresh.items()))
-            if now - since >= FRESH_GRACE:
-                del self.fresh[oldest]
-                oldest.drop(reason)
-                return True
-        if self.waiting:
-            oldest = next(iter(self.waiting))
-            del self.waiting[oldest]
-            oldest.drop(reason)
-            return True
-        return False
-
-
 class EdgeProtocol(HttpToolsProtocol):
     limits: EdgeLimits
-    idle: _Idle
+    room: Room
+    bodies: BodyBudget | None  # the proxy's body budget (None: no early refusal from the declared length)
+    read_limit: ReadLimit | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_head = True
+        self._in_head = True  # between the request's first byte (or the connection's start) and its headers' end
         self._head_raw = 0  # bytes received while the current request's head is incomplete
+        self._head_tail = b""  # the last bytes of the head so far (its end may straddle two reads)
         self._head_size = 0  # request target + header lines parsed so far
         self._header_count = 0
         self._body_limit = self.limits.max_body_bytes
         self._body_size = 0
         self._app_owns = False  # whether self.cycle is the current request's (else a previous one's, or None)
+        self._answered = False  # the current request was answered here (a read over server.read_rate)
+        self._answered_in_read = 0  # requests answered here from the current socket read
         self._closing = False  # closed by the guard, not yet lost
         self._message_done = True  # the current request's body has all arrived
         self._head_timer: asyncio.TimerHandle | None = None
@@ -150,41 +103,49 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         now = self.loop.time()
-        if len(self.connections) - self.idle.closing > self.limits.max_connections and not self.idle.close_oldest(
-            now, "over server.max_connections: the oldest idle connection is closed"
-        ):
+        if len(self.connections) - self.room.closing > self.limits.max_connections and not self.room.make_room(now):
             self._refuse(503, "over server.max_connections", "too many connections to the guard; retry shortly")
             return
         self._arm_head_timer()
-        self.idle.fresh[self] = now
+        self.room.fresh[self] = now
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closing:
-            self.idle.closing -= 1
+            self.room.closing -= 1
             self._closing = False
-        self.idle.discard(self)
+        self.room.discard(self)
         self._cancel_timers()
         super().connection_lost(exc)
 
     def drop(self, reason: str) -> None:
-        log.debug("closed an idle connection from %s: %s", self._peer(), reason)  # routine: not a warning
+        log.debug("closed a connection from %s: %s", self._peer(), reason)  # routine: not a warning
         self._close()
 
-    def on_response_complete(self) -> None:
+    def on_response_complete(self, *, refused: bool = False) -> None:
         busy = bool(self.pipeline) or self._in_head  # another request is queued or has begun
         super().on_response_complete()
         if busy and not self._message_done and self._app_owns and self._body_timer is None:
             self._arm_body_timer()  # the pipelined request has started: its body is due now
         if not busy and not self.transport.is_closing():
-            self.idle.add_waiting(self, self.limits.max_idle_connections)
+            self.room.add_idle(self, self.limits.max_idle_connections, self.loop.time(), refused=refused)
 
     # -- bytes in ------------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.idle.discard(self)
+        room = self.room
+        room.busy(self)
         self._unset_keepalive_if_required()
+        if self._message_done and not self._in_head:  # between requests: the next one's head begins
+            self._in_head, self._app_owns, self.url = True, False, b""
         if self._in_head:
+            if not self._head_raw:
+                room.heads[self] = self.loop.time()
+            allowed = self.limits.max_header_bytes - self._head_raw
+            if len(data) > allowed and not _head_can_end(self._head_tail, data, allowed):
+                self._refuse(431, "headers over server.max_header_bytes", "request headers are too large")
+                return
             self._head_raw += len(data)
+        self._answered_in_read = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -197,8 +158,11 @@ class EdgeProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             self._unsupported_upgrade_warning()
             return
-        if self._in_head and self._head_raw > self.limits.max_header_bytes:
-            self._refuse(431, "headers over server.max_header_bytes", "request headers are too large")
+        if self._in_head:
+            if self._head_raw > self.limits.max_header_bytes:
+                self._refuse(431, "headers over server.max_header_bytes", "request headers are too large")
+            else:
+                self._head_tail = data[-3:]
 
     def _invalid(self) -> None:
         log.warning("400 from %s: invalid HTTP request", self._peer())
@@ -209,8 +173,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_raw = self._head_size = self._header_count = self._body_size = 0
-        self._app_owns = False
+        self._head_size = self._header_count = self._body_size = 0
+        self._app_owns = self._answered = False
         if self._head_timer is None:
             self._arm_head_timer()
 
@@ -234,18 +198,55 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_raw, self._head_tail = 0, b""
+        self.room.heads.pop(self, None)
         self._cancel_head_timer()
+        if self.read_limit is not None and self._read_limited():
+            return
         proxied = self.url.startswith(PROXIED)
         self._body_limit = self.limits.max_body_bytes if proxied else min(GUARD_BODY_BYTES, self.limits.max_body_bytes)
         declared = _content_length(self.headers)
         if declared is not None and declared > self._body_limit:
             self._refuse(413, "declared body over the limit", f"request body is over {self._body_limit} bytes")
             raise _Refused
+        bodies = self.bodies
+        if declared and proxied and bodies is not None and bodies.held + declared > bodies.limit:
+            full = BodyBudgetFull(
+                f"the guard holds {bodies.held} bytes of request bodies, its budget is {bodies.limit} "
+                f"(server.body_budget_bytes): no room for {declared} more; retry shortly",
+                retry_after=BodyBudget.RETRY_AFTER,
+            )
+            self._refuse(429, "declared body over what is left of server.body_budget_bytes", "", _error(full))
+            raise _Refused
         self._message_done = False
         super().on_headers_complete()
         self._app_owns = True  # self.cycle is this request's now
         if not self.pipeline:  # a pipelined request's body deadline starts when its turn comes
             self._arm_body_timer()
+
+    def _read_limited(self) -> bool:
+        """A read of the guard's own endpoints past ``server.read_rate``: answered here with a 429 (True)."""
+        assert self.read_limit is not None
+        keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() != "1.0"
+        method = self.parser.get_method()
+        answer = self.read_limit.check(method, self.url, self.headers, self.loop.time(), close=not keep_alive)
+        if answer is None:
+            return False
+        previous_busy = self.cycle is not None and not self.cycle.response_complete
+        has_body = any(n in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        self._answered_in_read += 1
+        if previous_busy or has_body or self._answered_in_read > 1 or self._writes_backed_up():
+            # pipelined behind another request, or a body to read: not worth it; the connection ends here
+            self._refuse(429, "reads over server.read_rate (pipelined)", "", _with_close(answer))
+            raise _Refused
+        self._answered = True
+        self.transport.write(answer)
+        if not keep_alive:
+            self._close()
+        return True
+
+    def _writes_backed_up(self) -> bool:
+        return self.transport.get_write_buffer_size() > 64 * 1024
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -259,6 +260,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if self._answered:  # nothing of it went to the app: this request is over
+            self._answered = False
+            self.on_response_complete(refused=True)
+            return
         super().on_message_complete()
 
     # -- timers --------------------------------------------------------------------------------------------
@@ -295,13 +300,13 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # -- refusing ------------------------------------------------------------------------------------------
 
-    def _refuse(self, status: int, reason: str, message: str) -> None:
+    def _refuse(self, status: int, reason: str, message: str, response: bytes | None = None) -> None:
         """Answer ``status`` (unless a response has started), end the request for the app, close."""
         if self.transport.is_closing():
             return
-        self.idle.discard(self)
+        self.room.discard(self)
         self._cancel_timers()
-        budget = self.idle.log_budget
+        budget = self.room.log_budget
         if budget.take(self.loop.time()):
             path = escape(self.url[:200].decode("latin-1")) if getattr(self, "url", b"") else "-"
             more = f" ({budget.left_out} more refusals not logged before this one)" if budget.left_out else ""
@@ -311,7 +316,7 @@ class EdgeProtocol(HttpToolsProtocol):
         previous_busy = not self._app_owns and self.cycle is not None and not self.cycle.response_complete
         previous_busy |= cycle is not None and any(c is cycle for c, _ in self.pipeline)  # queued behind one
         if not previous_busy and (cycle is None or not cycle.response_started):
-            self.transport.write(_response(status, message))
+            self.transport.write(response if response is not None else _response(status, message))
         if cycle is not None:
             cycle.disconnected = True  # the app's receive() now says http.disconnect; its sends are dropped
             cycle.message_event.set()
@@ -321,16 +326,26 @@ class EdgeProtocol(HttpToolsProtocol):
         self._cancel_timers()
         if not self._closing:
             self._closing = True
-            self.idle.closing += 1
+            self.room.closing += 1
         self.transport.close()
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "-"
 
 
-def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
-    """A protocol class for ``uvicorn.Config(http=...)``: one per server (its idle list is the server's)."""
-    return type("EdgeProtocol", (EdgeProtocol,), {"limits": limits, "idle": _Idle()})
+def edge_protocol(
+    limits: EdgeLimits, *, bodies: BodyBudget | None = None, read_limit: ReadLimit | None = None
+) -> type[EdgeProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)``: one per server (its connections are the server's)."""
+    attrs = {"limits": limits, "room": Room(), "bodies": bodies, "read_limit": read_limit}
+    return type("EdgeProtocol", (EdgeProtocol,), attrs)
+
+
+def _head_can_end(tail: bytes, data: bytes, allowed: int) -> bool:
+    """Whether a request head could end (an empty line) within the first ``allowed`` bytes of ``data``, ``tail``
+    being the last bytes before it: a C-speed search instead of parsing bytes that are refused anyway."""
+    probe = tail + data[: max(0, allowed) + 3]
+    return b"\n\r\n" in probe or b"\n\n" in probe
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -341,6 +356,20 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 _CODES = {408: "request_timeout", 413: "payload_too_large", 431: "request_headers_too_large", 503: "overloaded"}
+
+
+def _error(error: BodyBudgetFull) -> bytes:
+    body = error.body()
+    headers = {**error.headers(), "content-type": "application/json", "content-length": str(len(body))}
+    head = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+    return STATUS_LINE[error.status] + head + b"\r\n" + body
+
+
+def _with_close(response: bytes) -> bytes:
+    if b"\r\nconnection: close\r\n" in response:
+        return response
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head + b"\r\nconnection: close\r\n\r\n" + body
 
 
 def _response(status: int, message: str) -> bytes:

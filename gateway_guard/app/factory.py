@@ -62,6 +62,7 @@ def build_app(
     app.state.guard = state
     app.state.status_page = status_page
     app.state.reloader = Reloader(state, reload_from)
+    app.state.body_budget = proxy.bodies  # the edge refuses a declared body that cannot fit (app/edge.py)
     app.state.reservations = reservations  # the proxy consumes one per admitted request of its profile
     app.state.events = hub
     return app

@@ -10,9 +10,12 @@ import pytest
 
 from gateway_guard.app.asgi import BodyBudget, BodyBudgetFull, Message
 from gateway_guard.app.body import model_of, parse_json
+from gateway_guard.app.edge import _head_can_end
+from gateway_guard.app.edge_room import HEAD_GRACE, IDLE_GRACE, SILENT_GRACE, LogBudget, Room
 from gateway_guard.app.paths import BadPath, check, encoded, is_admin_only, is_proxied, needs_permit, request_path
+from gateway_guard.app.read_limit import ReadLimit, TokenBucket, endpoint_of
 from gateway_guard.errors import ClientError, ConfigError, InvalidJSON
-from gateway_guard.settings import parse_settings, redact_url
+from gateway_guard.settings import ServerSettings, parse_settings, redact_url
 from gateway_guard.telemetry import JsonLogFormatter
 from gateway_guard.telemetry.access_log import escape, log_access
 from gateway_guard.telemetry.record import RequestRecord
@@ -178,15 +181,100 @@ def test_edge_settings_have_safe_defaults_and_name_the_key() -> None:
         parse_settings(
             {"server": {"header_timeout": 0}, "upstreams": {"gpu": {"url": "http://127.0.0.1:1"}}}, environ={}
         )
+    assert server.read_rate == 50
+    with pytest.raises(ConfigError, match="server.read_rate"):
+        parse_settings({"server": {"read_rate": -1}, "upstreams": {"gpu": {"url": "http://127.0.0.1:1"}}}, environ={})
     token = parse_settings({"upstreams": {"gpu": {"url": "http://127.0.0.1:1"}}}, environ={"GUARD_METRICS_TOKEN": "t"})
     assert token.server.metrics_token == "t" and "'t'" not in repr(token.server)
 
 
 def test_edge_refusal_lines_are_rate_limited_and_count_what_they_left_out() -> None:
-    from gateway_guard.app.edge import _LogBudget
-
-    budget = _LogBudget(rate=10, burst=50)
+    budget = LogBudget(rate=10, burst=50)
     assert all(budget.take(0.0) for _ in range(50))
     assert not budget.take(0.0) and not budget.take(0.05)
     assert budget.left_out == 2
     assert budget.take(0.2)  # 10 a second: two lines' worth after 0.2 s
+
+
+class _Conn:
+    def __init__(self, name: str, dropped: list[str]) -> None:
+        self.name, self.dropped = name, dropped
+
+    def drop(self, reason: str) -> None:
+        self.dropped.append(self.name)
+
+
+def test_room_is_made_from_the_least_valuable_connection_first() -> None:
+    """Silent ones past their grace, then ones stuck in their headers, then idle ones refused for their read
+    rate, then kept-alive ones idle past their grace; never a connection that has just connected, just begun its
+    request or is between two requests."""
+    dropped: list[str] = []
+    room = Room()
+    names = ("kept-alive", "refused", "slow head", "silent", "young", "busy client")
+    kept, refused, slow, silent, young, client = (_Conn(n, dropped) for n in names)
+    room.add_idle(kept, 8, 0.0)
+    room.add_idle(refused, 8, 0.0, refused=True)
+    room.heads[slow] = 0.0
+    room.fresh[silent] = 0.0
+    room.fresh[young] = 5.0
+    room.add_idle(client, 8, 5.0)
+    now = 5.0 + SILENT_GRACE / 2  # "young" is inside its grace, "busy client" inside its own
+    assert all(room.make_room(now) for _ in range(4))
+    assert not room.make_room(now)  # the newcomer is refused
+    assert dropped == ["silent", "slow head", "refused", "kept-alive"]
+    assert room.make_room(5.0 + IDLE_GRACE) and dropped[-1] == "young"
+    assert room.make_room(5.0 + IDLE_GRACE) and dropped[-1] == "busy client"
+    room.heads[slow] = 10.0
+    assert not room.make_room(10.0 + HEAD_GRACE / 2)
+    assert room.make_room(10.0 + HEAD_GRACE) and dropped[-1] == "slow head"
+
+
+def test_past_max_idle_connections_refused_ones_go_first_even_when_newer() -> None:
+    dropped: list[str] = []
+    room = Room()
+    room.add_idle(_Conn("client", dropped), 2, 0.0)
+    for i in range(3):  # a burst of refused readers back to idle at once
+        room.add_idle(_Conn(f"refused {i}", dropped), 2, 0.0, refused=True)
+    assert dropped == ["refused 0", "refused 1"]
+    room.add_idle(_Conn("client 2", dropped), 2, 0.0)
+    assert dropped[-1] == "refused 2"
+    room.add_idle(_Conn("client 3", dropped), 2, 0.0)  # one over for now: both are in use
+    assert dropped[-1] == "refused 2" and len(room.waiting) == 3
+    room.add_idle(_Conn("client 4", dropped), 2, IDLE_GRACE)
+    assert dropped[-2:] == ["client", "client 2"]  # then the kept-alive ones idle past their grace, oldest first
+
+
+def test_read_rate_buckets_refuse_past_the_rate_and_spare_token_holders() -> None:
+    bucket = TokenBucket(rate=10, burst=20)
+    assert all(bucket.take(0.0) == 0.0 for _ in range(20))
+    assert bucket.take(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.1) == 0.0  # one token back after 0.1 s
+
+    server = ServerSettings(read_rate=1.0, metrics_token="metrics-tok", admin_token="admin-tok")
+    limit = ReadLimit(lambda: server)
+    get = b"GET"
+    assert limit.check(get, b"/metrics", [], 0.0, close=False) is None
+    assert limit.check(get, b"/metrics", [], 0.0, close=False) is None  # burst: two seconds' worth
+    refused = limit.check(get, b"/metrics?x=1", [], 0.0, close=False)
+    assert refused is not None and refused.startswith(b"HTTP/1.1 429 ")
+    assert b"retry-after: 1\r\n" in refused and b"connection: close" not in refused
+    assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "read_rate_limited"
+    assert b"connection: close" in (limit.check(get, b"/%6detrics", [], 0.0, close=True) or b"")  # decoded
+    assert limit.check(b"HEAD", b"/metrics", [], 0.0, close=False) == refused.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    assert limit.check(get, b"/metrics", [(b"authorization", b"Bearer metrics-tok")], 0.0, close=False) is None
+    assert limit.check(get, b"/metrics", [(b"x-guard-admin-token", b"admin-tok")], 0.0, close=False) is None
+    assert limit.check(get, b"/metrics", [(b"authorization", b"Bearer wrong")], 0.0, close=False) is not None
+    assert limit.check(get, b"/guard/capacity", [], 0.0, close=False) is None  # a bucket per endpoint
+    assert limit.check(b"POST", b"/metrics", [], 0.0, close=False) is None  # reads only
+    assert limit.refused == 4
+    targets = (b"/guard/health", b"/v1/models", b"/guard/static/page.js", b"/guard/", b"http://h:1/metrics?x")
+    assert [endpoint_of(u) for u in targets] == [None, None, "status page", "status page", "metrics"]
+    server = ServerSettings(read_rate=0)  # a reload to 0: no limit
+    assert limit.check(get, b"/metrics", [], 0.0, close=False) is None
+
+
+def test_a_head_that_cannot_end_within_the_limit_is_seen_without_parsing() -> None:
+    assert not _head_can_end(b"", b"POST / HTTP/1.1\r\nx: " + b"a" * 100, 50)
+    assert _head_can_end(b"", b"GET / HTTP/1.1\r\n\r\n" + b"a" * 100, 20)  # a small head, then a body
+    assert _head_can_end(b"x\r\n", b"\r\n" + b"a" * 100, 0)  # the empty line straddles two reads
+    assert _head_can_end(b"", b"GET / HTTP/1.1\n\n" + b"a" * 100, 16)  # bare LF line ends
