@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -153,3 +154,51 @@ def test_run_mode_multi_step_cards_real_workers(
     lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
     print(f"\n4 multi-step cards done in {elapsed:.1f} s; {sum(1 for x in lines if x.get('event') == 'dispatch')} "
           f"dispatches; max running {monitor.max_running}; sim peak {peak}")
+
+
+def test_run_auto_target_real_workers_heartbeat_before_their_first_request(
+    board: HermesBoard, monitor: RunningMonitor, tmp_path: Path
+) -> None:
+    """guard-dispatch run --target auto (max 4, one request waiting per slot), guard cap 2, multi-step cards.
+
+    What the automatic target assumes of Hermes 0.19.0: a real worker writes its run's first heartbeat before
+    its first LLM request, so a card is "starting" exactly while its worker is not yet asking."""
+    with support.sim_server(mode="scripted", no_ollama=True, slots=2, steps=4, tool_seconds=1) as sim:
+        config = tmp_path / "guard.toml"
+        config.write_text(GUARD_CONFIG.format(sim=sim))
+        log = tmp_path / "guard.log"
+        with guard_process(["--config", str(config)], log, port=free_port()) as guard_url:
+            point_profiles_at(board, guard_url)
+            ids = board.create(["worker1", "worker2"] * 3)
+            out = io.StringIO()
+            started = time.monotonic()
+            code = run(Options(command="run", hermes=str(board.hermes), guard_url=guard_url, target="auto",
+                               max_running=4, queue_per_slot=1, log_json=True), env=board.env, out=out, err=out,
+                       until=lambda: board.counts().get("done", 0) == len(ids) or time.monotonic() - started > 300)
+            metrics = httpx.get(f"{sim}/metrics").text
+    assert code is ExitCode.OK, out.getvalue()
+    assert board.counts() == {"done": 6}, out.getvalue()
+    assert 2 < monitor.max_running <= 4  # more cards than slots, never above max_running
+    peak = int(float(re.search(r"^sim:max_concurrent_seen (\S+)$", metrics, re.M)[1]))  # type: ignore[index]
+    assert peak <= 2
+    lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    dispatches = [x for x in lines if x.get("event") == "dispatch"]
+    assert all(int(d["running"]) + int(d["asked"]) <= 4 for d in dispatches)
+    assert any(int(d["starting"]) > 0 for d in dispatches), dispatches  # real workers seen starting
+    first_heartbeat = dict(board._query(
+        "SELECT task_id, MIN(created_at) FROM task_events WHERE kind = 'heartbeat' GROUP BY task_id"))
+    first_request: dict[str, float] = {}
+    for db in board.home.glob("profiles/*/state.db"):
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            for content, ts in conn.execute("SELECT content, MIN(timestamp) FROM messages WHERE role = 'user' "
+                                            "GROUP BY session_id"):
+                first_request[str(content).rsplit(" ", 1)[-1]] = float(ts)
+        conn.close()
+    for task in ids:
+        shown = json.loads(board.cli("kanban", "show", task, "--json"))
+        events = {e["kind"] for e in shown["events"]}
+        assert "completed" in events and not events & {"crashed", "blocked", "spawn_failed", "timed_out"}, events
+        # heartbeat times are whole seconds (floored): at or before the worker's first prompt
+        assert first_heartbeat[task] <= first_request[task], (task, first_heartbeat, first_request)
+    print(f"\n6 cards, auto: max running {monitor.max_running}; sim peak {peak}; "
+          f"starting per dispatch {[d['starting'] for d in dispatches]}")
