@@ -123,8 +123,9 @@ def auto_room(snapshot: Snapshot, queue_per_slot: float) -> int:
 
     A worker asks for its first slot 3-16 s after its card starts; counting only the slots free now (and
     stopping at the first queued request) leaves the GPU idle that long after every finished card. A short
-    standing batch queue covers the start-up instead. It costs interactive requests nothing: the gate serves
-    the interactive lane first (until a batch request has waited ``aging_seconds``). No queue is aimed at
+    standing batch queue covers the start-up instead. Interactive requests still go first: the gate serves
+    the interactive lane first (until a batch request has waited ``aging_seconds``), and the batch lane's
+    headroom keeps slots batch never takes. No queue is aimed at
     while nothing is served yet: workers that start together share the host's CPUs, so a cold start of
     free-slots-plus-queue workers reaches the GPU later than one of free-slots workers.
     """
