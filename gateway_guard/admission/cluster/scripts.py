@@ -15,7 +15,7 @@ Keys of one upstream share the prefix ``gg:{<upstream>}`` (one hash tag, so one 
 
 Only the server's clock is read (``TIME``), never a replica's. A lease whose expiry passed is removed (from the
 indexes too) by whichever script runs next. Release publishes on ``<prefix>:released`` to wake the waiters, and a
-replica's new demand too (``?<replica>``): replicas that keep idle leases (``pool.py``) then give them back.
+replica newly marked waiting too (``?<replica>``): replicas that keep idle leases (``pool.py``) give them back.
 """
 
 from __future__ import annotations

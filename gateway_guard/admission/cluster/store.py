@@ -39,8 +39,8 @@ class View:
 @dataclass(frozen=True, slots=True)
 class Synced:
     """What one ``sync`` did: a code per ask it got to (fewer than asked when one ended the call), how many of
-    the releases were still there, the view after, and how many other replicas had a request waiting (live
-    demand; 0 when the server was quiet)."""
+    the releases were still there, the view after, and how many other replicas are marked waiting (an ask of
+    theirs refused lately, for any reason)."""
 
     codes: list[int]
     released: int
