@@ -10,8 +10,9 @@ connections before ``limit_concurrency`` answers 503 *after* reading the headers
 - a body over ``max_body_bytes`` (declared or counted; ``GUARD_BODY_BYTES`` for the guard's own endpoints):
   **413**, closed;
 - a proxied body whose declared length does not fit in what is left of the body budget (``app/asgi.py``,
-  ``BodyBudget``, ``server.body_budget_bytes``): **429** + ``Retry-After``, closed, before a byte of it is
-  read; the proxy meters the bodies it does read (chunked ones, and those that raced for the same room);
+  ``BodyBudget``, ``server.body_budget_bytes``; the bodies the proxy holds plus the declared bytes still on
+  their way): **429** + ``Retry-After``, closed, before a byte of it is read; the proxy meters the bodies it
+  reads (chunked ones included);
 - over ``max_connections`` open: the least valuable connection is closed to make room (``app/edge_room.py``:
   silent ones, then ones stuck in their headers, then idle kept-alive ones), else **503**; over
   ``max_idle_connections`` idle keep-alive connections: the oldest is closed; an idle one is closed after
@@ -44,6 +45,7 @@ from gateway_guard.telemetry.access_log import escape
 
 log = logging.getLogger("gateway_guard.edge")
 
+LINGER = 1.0  # seconds a connection refused before its body is kept (not read) so that its client sees the answer
 GUARD_BODY_BYTES = 64 * 1024  # bodies of /guard/* and anything not proxied: small JSON at most
 PROXIED = (b"/v1/", b"/api/", b"/p/")
 
@@ -90,10 +92,12 @@ class EdgeProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._body_limit = self.limits.max_body_bytes
         self._body_size = 0
+        self._due = 0  # bytes of the declared body not yet arrived, counted in room.bodies_due
         self._app_owns = False  # whether self.cycle is the current request's (else a previous one's, or None)
         self._answered = False  # the current request was answered here (a read over server.read_rate)
         self._answered_in_read = 0  # requests answered here from the current socket read
         self._closing = False  # closed by the guard, not yet lost
+        self._lingering = False  # refused, not read any more, closed LINGER after
         self._message_done = True  # the current request's body has all arrived
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
@@ -110,6 +114,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.room.fresh[self] = now
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._forget_due()
         if self._closing:
             self.room.closing -= 1
             self._closing = False
@@ -132,6 +137,8 @@ class EdgeProtocol(HttpToolsProtocol):
     # -- bytes in ------------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # answered and refused: what is still on its way is not read
+            return
         room = self.room
         room.busy(self)
         self._unset_keepalive_if_required()
@@ -210,14 +217,19 @@ class EdgeProtocol(HttpToolsProtocol):
             self._refuse(413, "declared body over the limit", f"request body is over {self._body_limit} bytes")
             raise _Refused
         bodies = self.bodies
-        if declared and proxied and bodies is not None and bodies.held + declared > bodies.limit:
-            full = BodyBudgetFull(
-                f"the guard holds {bodies.held} bytes of request bodies, its budget is {bodies.limit} "
-                f"(server.body_budget_bytes): no room for {declared} more; retry shortly",
-                retry_after=BodyBudget.RETRY_AFTER,
-            )
-            self._refuse(429, "declared body over what is left of server.body_budget_bytes", "", _error(full))
-            raise _Refused
+        if declared and proxied and bodies is not None:
+            held = bodies.held + self.room.bodies_due
+            if held + declared > bodies.limit:
+                full = BodyBudgetFull(
+                    f"the guard holds or awaits {held} bytes of request bodies, its budget is {bodies.limit} "
+                    f"(server.body_budget_bytes): no room for {declared} more; retry shortly",
+                    retry_after=BodyBudget.RETRY_AFTER,
+                )
+                reason = "declared body over what is left of server.body_budget_bytes"
+                self._refuse(429, reason, "", _error(full), linger=True)
+                raise _Refused
+            self._due = declared  # counted as held from now on: bodies declared at once cannot all pass
+            self.room.bodies_due += declared
         self._message_done = False
         super().on_headers_complete()
         self._app_owns = True  # self.cycle is this request's now
@@ -245,10 +257,18 @@ class EdgeProtocol(HttpToolsProtocol):
             self._close()
         return True
 
+    def _forget_due(self) -> None:
+        self.room.bodies_due -= self._due
+        self._due = 0
+
     def _writes_backed_up(self) -> bool:
         return self.transport.get_write_buffer_size() > 64 * 1024
 
     def on_body(self, body: bytes) -> None:
+        if self._due:  # from here the proxy's meter counts these bytes
+            arrived = min(self._due, len(body))
+            self._due -= arrived
+            self.room.bodies_due -= arrived
         self._body_size += len(body)
         if self._body_size > self._body_limit:
             self._refuse(413, "body over the limit", f"request body is over {self._body_limit} bytes")
@@ -257,6 +277,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._message_done = True
+        self._forget_due()
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -300,8 +321,12 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # -- refusing ------------------------------------------------------------------------------------------
 
-    def _refuse(self, status: int, reason: str, message: str, response: bytes | None = None) -> None:
-        """Answer ``status`` (unless a response has started), end the request for the app, close."""
+    def _refuse(
+        self, status: int, reason: str, message: str, response: bytes | None = None, *, linger: bool = False
+    ) -> None:
+        """Answer ``status`` (unless a response has started), end the request for the app, close. ``linger``:
+        stop reading but close only ``LINGER`` later (a client still sending its body would otherwise get a
+        reset instead of the answer), meanwhile first in line to be closed for room."""
         if self.transport.is_closing():
             return
         self.room.discard(self)
@@ -317,6 +342,12 @@ class EdgeProtocol(HttpToolsProtocol):
         previous_busy |= cycle is not None and any(c is cycle for c, _ in self.pipeline)  # queued behind one
         if not previous_busy and (cycle is None or not cycle.response_started):
             self.transport.write(response if response is not None else _response(status, message))
+            if linger:
+                self._lingering = True
+                self.flow.pause_reading()
+                self.room.add_idle(self, self.limits.max_idle_connections, self.loop.time(), refused=True)
+                self._body_timer = self.loop.call_later(LINGER, self._close)
+                return
         if cycle is not None:
             cycle.disconnected = True  # the app's receive() now says http.disconnect; its sends are dropped
             cycle.message_event.set()

@@ -58,7 +58,7 @@ class Room:
     edge refused), ``waiting`` (idle after a request that was served); the last two together at most
     ``max_idle_connections``."""
 
-    __slots__ = ("closing", "fresh", "heads", "log_budget", "refused", "waiting")
+    __slots__ = ("bodies_due", "closing", "fresh", "heads", "log_budget", "refused", "waiting")
 
     def __init__(self) -> None:
         self.fresh: dict[Droppable, float] = {}  # -> when it connected (loop time)
@@ -66,6 +66,7 @@ class Room:
         self.refused: dict[Droppable, None] = {}
         self.waiting: dict[Droppable, float] = {}  # -> since when
         self.closing = 0  # connections the guard has closed that have not yet been reported lost
+        self.bodies_due = 0  # bytes of declared request bodies accepted but not yet arrived (app/edge.py)
         self.log_budget = LogBudget()
 
     def discard(self, conn: Droppable) -> None:

@@ -157,6 +157,30 @@ async def test_a_declared_body_that_cannot_fit_the_budget_is_refused_before_it_i
             assert small.status == 200  # the budget came back
 
 
+async def test_bodies_declared_at_once_cannot_together_pass_the_budget() -> None:
+    """Five heads declaring 3 MB each, no body yet, against a 12 MiB budget: four are awaited (their declared
+    bytes count as held), the fifth gets its 429 at once; the room comes back when they end."""
+    server = {"max_body_bytes": 4 * MB, "body_budget_bytes": 12 * MB, "body_timeout": 60}
+    lane = {"x-guard-lane": "interactive", "content-type": "application/json"}
+    body = b'{"model":"m","messages":[{"role":"user","content":"' + b"a" * (3_000_000 - 60) + b'"}]}'
+    head_only = request("POST", CHAT, {**lane, "content-length": str(len(body))})
+    async with RecordingUpstream() as up:
+        with edge_guard(up.url, server=server) as guard:
+            async with connections(guard.port, 4) as awaited:
+                for _, writer in awaited:
+                    writer.write(head_only)
+                    await writer.drain()
+                fifth = await raw_exchange(guard.port, head_only, timeout=10)
+                assert fifth.status == 429 and fifth.json()["error"]["code"] == "body_budget_full"
+                reader, writer = awaited[0]
+                writer.write(body)  # the first one's body comes after all: served
+                assert (await read_answer(reader)).status == 200
+            # the other three went away without their bodies: their room is back
+            answers = [await raw_exchange(guard.port, request("POST", CHAT, lane, body)) for _ in range(4)]
+            assert [a.status for a in answers] == [200] * 4
+            assert len(up.requests) == 5
+
+
 async def test_a_header_flood_on_a_kept_alive_connection_is_cut_at_its_first_read() -> None:
     """A second request whose one header line runs past max_header_bytes in a single write: 431 at once (the
     bytes are refused as they arrive, not only once a header line is complete)."""
