@@ -118,6 +118,8 @@ async def ready(request: Request) -> Response:
                 "allowance": status.allowance,
                 "replica": status.replica,
                 "held": status.held,
+                "idle": status.idle,  # leases kept for this replica's next requests (counted in the cap)
+                "others_waiting": status.others_waiting,
                 "cluster_in_flight": status.in_flight,
                 "replicas": dict(status.replicas),
             }

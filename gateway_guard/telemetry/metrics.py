@@ -312,6 +312,11 @@ class ClusterCollector(Collector):
         held = GaugeMetricFamily(
             "gateway_guard_cluster_held", "Requests this replica holds under the shared cap", labels=["upstream"]
         )
+        idle = GaugeMetricFamily(
+            "gateway_guard_cluster_idle_leases",
+            "Leases this replica keeps for its next requests (no request on them, counted in the shared cap)",
+            labels=["upstream"],
+        )
         leases = GaugeMetricFamily(
             "gateway_guard_cluster_replica_leases",
             "Leases per live replica, cluster-wide, as last seen",
@@ -320,6 +325,7 @@ class ClusterCollector(Collector):
         for name, status in self._status().items():
             shared.add_metric([name], 1 if status.shared else 0)
             held.add_metric([name], status.held)
+            idle.add_metric([name], status.idle)
             for replica, count in status.replicas.items():
                 leases.add_metric([name, replica], count)
-        yield from (shared, held, leases)
+        yield from (shared, held, idle, leases)

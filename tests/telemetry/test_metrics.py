@@ -198,3 +198,30 @@ async def test_a_scrape_flood_reuses_the_text_until_something_changes() -> None:
         after = samples((await registry.render()).decode())
         labels = {"upstream": "default", "lane": "batch", "outcome": "admitted"}
         assert value(after, "gateway_guard_requests_total", **labels) == 1
+
+
+def test_the_cluster_gauges_show_each_replicas_held_and_idle_leases() -> None:
+    """``[cluster]``: what this replica holds, the leases it keeps idle for its next requests (counted in the
+    shared cap, so Redis shows more leases than requests), and every live replica's leases."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gateway_guard.admission.cluster.link import FALLBACK, SHARED, ClusterStatus
+    from gateway_guard.telemetry.metrics import ClusterCollector
+
+    statuses = {
+        "gpu": ClusterStatus(
+            mode=SHARED, reason="", allowance=None, replica="a", held=3, in_flight=6, replicas={"a": 5, "b": 1}, idle=2
+        ),
+        "cpu": ClusterStatus(
+            mode=FALLBACK, reason="redis gone", allowance=1, replica="a", held=1, in_flight=1, replicas={"a": 1}
+        ),
+    }
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(lambda: statuses))
+    parsed = samples(generate_latest(registry).decode())
+    assert parsed[("gateway_guard_cluster_shared", frozenset({"upstream": "gpu"}.items()))] == 1
+    assert parsed[("gateway_guard_cluster_shared", frozenset({"upstream": "cpu"}.items()))] == 0
+    assert value(parsed, "gateway_guard_cluster_held", upstream="gpu") == 3
+    assert value(parsed, "gateway_guard_cluster_idle_leases", upstream="gpu") == 2
+    assert parsed[("gateway_guard_cluster_idle_leases", frozenset({"upstream": "cpu"}.items()))] == 0
+    assert value(parsed, "gateway_guard_cluster_replica_leases", upstream="gpu", replica="b") == 1
