@@ -255,6 +255,44 @@ def ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.2f}"
 
 
+async def hammer(port: int, request: bytes, end: float, statuses: Counter[int]) -> None:
+    client = RawClient(HOST, port)
+    try:
+        while time.monotonic() < end:
+            statuses[(await client.call(request))[0]] += 1
+    finally:
+        await client.close()
+
+
+async def read_costs(args: argparse.Namespace, guard_cpu: str | None, client_cpu: str | None) -> list[list[str]]:
+    """The guard's CPU per request, 4 clients back to back for ``--cost-seconds`` each: a /metrics scrape
+    rendered by the app (``read_rate = 0``), the same scrape refused by the edge (429, read rate spent), and
+    ``/guard/health`` (the app, nothing rendered) for scale."""
+    rows = []
+    sim_port = free_port()
+    sim_url = f"http://{HOST}:{sim_port}"
+    with process("sim", pinned(sim_argv(sim_port, "--mode", "zero"), client_cpu), sim_url):
+        for label, path, rate in (
+            ("/metrics rendered (read_rate = 0)", "/metrics", "0"),
+            ("/metrics refused by the edge (429)", "/metrics", "0.001"),
+            ("/guard/health (the app, for scale)", "/guard/health", "0"),
+        ):
+            port = free_port()
+            argv = pinned(guard_argv(port, sim_url, 4), guard_cpu)
+            env = {"GUARD__SERVER__READ_RATE": rate}
+            with process("guard", argv, f"http://{HOST}:{port}", health="/guard/health", env=env) as guard:
+                get = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+                statuses: Counter[int] = Counter()
+                cpu0, t0 = cpu_seconds(guard.popen.pid), time.monotonic()
+                await asyncio.gather(*(hammer(port, get, t0 + args.cost_seconds, statuses) for _ in range(4)))
+                cpu, wall = cpu_seconds(guard.popen.pid) - cpu0, time.monotonic() - t0
+            n = sum(statuses.values())
+            rows.append(
+                [label, f"{n / wall:.0f}", f"{cpu / n * 1e6:.0f}", ", ".join(f"{k} x{v}" for k, v in statuses.items())]
+            )
+    return rows
+
+
 async def main_async(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.idle_conns * 2 + 1024)), hard))
@@ -284,6 +322,7 @@ async def main_async(args: argparse.Namespace) -> None:
         after_attack = sim_requests(sim_url)
         after_rss = rss_mb(pid)
         log = guard.log_tail(400_000)
+    costs = await read_costs(args, guard_cpu, client_cpu) if args.cost_seconds else []
     extra = (after_attack - before_attack) - len(under)
     where = f"guard on CPU {args.guard_cpu}; sim, normal client, attacker on CPU {args.client_cpu}"
     sched = "attacker at SCHED_IDLE" if args.attacker_sched == "idle" else "attacker at normal priority"
@@ -323,6 +362,9 @@ async def main_async(args: argparse.Namespace) -> None:
         f"upstream requests beyond the normal client's during the attack: {extra} (idle phase: "
         f"{before_attack - before_idle - len(idle)})"
     )
+    if costs:
+        print()
+        print(table(["one read", "requests/s", "guard CPU us per request", "statuses"], costs))
     counts = {s: log.count(f" {s} from ") for s in (431, 408, 413, 429, 503)}
     print(
         "edge refusals logged (rate-limited lines, not counts): "
@@ -339,6 +381,7 @@ def main() -> None:
     parser.add_argument("--idle-conns", type=int, default=1000)
     parser.add_argument("--scrapers", type=int, default=150)
     parser.add_argument("--interval", type=float, default=0.01, help="the normal client's pace (0: back to back)")
+    parser.add_argument("--cost-seconds", type=float, default=3.0, help="per read in the cost table (0: skip)")
     parser.add_argument("--guard-cpu", default="0", help="CPU list for the guard (taskset)")
     parser.add_argument("--client-cpu", default="1", help="CPU list for the sim, the normal client, the attacker")
     parser.add_argument("--no-pin", action="store_true", help="run everything unpinned")
