@@ -20,6 +20,10 @@ it should not take the CPU that the normal client and the sim need on their shar
 of that core the two leave idle. ``--attacker-sched normal`` gives it an equal share instead; ``--no-pin``
 runs everything unpinned. Both phases run under the same set-up.
 
+Then the cost of one read in the guard's CPU (``--cost-seconds`` each, 4 clients back to back, a fresh guard
+each): a ``/metrics`` scrape rendered by the app, the same scrape refused by the edge's read rate (429), and
+``/guard/health`` for scale.
+
 The guard's RSS is sampled every 100 ms (peak printed). The sim's ``sim:requests_total`` is read before and
 after: the attacks must add nothing to it (only the normal client's requests reach the upstream).
 

@@ -29,15 +29,15 @@ next line counting those left out).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway_guard.app.asgi import BodyBudget, BodyBudgetFull
+from gateway_guard.app.edge_bytes import answer, content_length, error_answer, head_can_end, with_close
 from gateway_guard.app.edge_room import Room
 from gateway_guard.app.read_limit import ReadLimit
 from gateway_guard.settings import ServerSettings
@@ -148,7 +148,7 @@ class EdgeProtocol(HttpToolsProtocol):
             if not self._head_raw:
                 room.heads[self] = self.loop.time()
             allowed = self.limits.max_header_bytes - self._head_raw
-            if len(data) > allowed and not _head_can_end(self._head_tail, data, allowed):
+            if len(data) > allowed and not head_can_end(self._head_tail, data, allowed):
                 self._refuse(431, "headers over server.max_header_bytes", "request headers are too large")
                 return
             self._head_raw += len(data)
@@ -212,7 +212,7 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         proxied = self.url.startswith(PROXIED)
         self._body_limit = self.limits.max_body_bytes if proxied else min(GUARD_BODY_BYTES, self.limits.max_body_bytes)
-        declared = _content_length(self.headers)
+        declared = content_length(self.headers)
         if declared is not None and declared > self._body_limit:
             self._refuse(413, "declared body over the limit", f"request body is over {self._body_limit} bytes")
             raise _Refused
@@ -226,7 +226,7 @@ class EdgeProtocol(HttpToolsProtocol):
                     retry_after=BodyBudget.RETRY_AFTER,
                 )
                 reason = "declared body over what is left of server.body_budget_bytes"
-                self._refuse(429, reason, "", _error(full), linger=True)
+                self._refuse(429, reason, "", error_answer(full), linger=True)
                 raise _Refused
             self._due = declared  # counted as held from now on: bodies declared at once cannot all pass
             self.room.bodies_due += declared
@@ -249,7 +249,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._answered_in_read += 1
         if previous_busy or has_body or self._answered_in_read > 1 or self._writes_backed_up():
             # pipelined behind another request, or a body to read: not worth it; the connection ends here
-            self._refuse(429, "reads over server.read_rate (pipelined)", "", _with_close(answer))
+            self._refuse(429, "reads over server.read_rate (pipelined)", "", with_close(answer))
             raise _Refused
         self._answered = True
         self.transport.write(answer)
@@ -341,7 +341,7 @@ class EdgeProtocol(HttpToolsProtocol):
         previous_busy = not self._app_owns and self.cycle is not None and not self.cycle.response_complete
         previous_busy |= cycle is not None and any(c is cycle for c, _ in self.pipeline)  # queued behind one
         if not previous_busy and (cycle is None or not cycle.response_started):
-            self.transport.write(response if response is not None else _response(status, message))
+            self.transport.write(response if response is not None else answer(status, message))
             if linger:
                 self._lingering = True
                 self.flow.pause_reading()
@@ -370,42 +370,3 @@ def edge_protocol(
     """A protocol class for ``uvicorn.Config(http=...)``: one per server (its connections are the server's)."""
     attrs = {"limits": limits, "room": Room(), "bodies": bodies, "read_limit": read_limit}
     return type("EdgeProtocol", (EdgeProtocol,), attrs)
-
-
-def _head_can_end(tail: bytes, data: bytes, allowed: int) -> bool:
-    """Whether a request head could end (an empty line) within the first ``allowed`` bytes of ``data``, ``tail``
-    being the last bytes before it: a C-speed search instead of parsing bytes that are refused anyway."""
-    probe = tail + data[: max(0, allowed) + 3]
-    return b"\n\r\n" in probe or b"\n\n" in probe
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length" and value.strip().isdigit():
-            return int(value)
-    return None
-
-
-_CODES = {408: "request_timeout", 413: "payload_too_large", 431: "request_headers_too_large", 503: "overloaded"}
-
-
-def _error(error: BodyBudgetFull) -> bytes:
-    body = error.body()
-    headers = {**error.headers(), "content-type": "application/json", "content-length": str(len(body))}
-    head = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
-    return STATUS_LINE[error.status] + head + b"\r\n" + body
-
-
-def _with_close(response: bytes) -> bytes:
-    if b"\r\nconnection: close\r\n" in response:
-        return response
-    head, _, body = response.partition(b"\r\n\r\n")
-    return head + b"\r\nconnection: close\r\n\r\n" + body
-
-
-def _response(status: int, message: str) -> bytes:
-    kind = "overloaded_error" if status == 503 else "invalid_request_error"
-    body = json.dumps({"error": {"message": message, "type": kind, "code": _CODES[status]}}).encode()
-    retry = b"retry-after: 1\r\n" if status == 503 else b""
-    head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body)
-    return STATUS_LINE[status] + head + retry + b"\r\n" + body

@@ -10,7 +10,7 @@ import pytest
 
 from gateway_guard.app.asgi import BodyBudget, BodyBudgetFull, Message
 from gateway_guard.app.body import model_of, parse_json
-from gateway_guard.app.edge import _head_can_end
+from gateway_guard.app.edge_bytes import head_can_end
 from gateway_guard.app.edge_room import HEAD_GRACE, IDLE_GRACE, SILENT_GRACE, LogBudget, Room
 from gateway_guard.app.paths import BadPath, check, encoded, is_admin_only, is_proxied, needs_permit, request_path
 from gateway_guard.app.read_limit import ReadLimit, TokenBucket, endpoint_of
@@ -274,7 +274,7 @@ def test_read_rate_buckets_refuse_past_the_rate_and_spare_token_holders() -> Non
 
 
 def test_a_head_that_cannot_end_within_the_limit_is_seen_without_parsing() -> None:
-    assert not _head_can_end(b"", b"POST / HTTP/1.1\r\nx: " + b"a" * 100, 50)
-    assert _head_can_end(b"", b"GET / HTTP/1.1\r\n\r\n" + b"a" * 100, 20)  # a small head, then a body
-    assert _head_can_end(b"x\r\n", b"\r\n" + b"a" * 100, 0)  # the empty line straddles two reads
-    assert _head_can_end(b"", b"GET / HTTP/1.1\n\n" + b"a" * 100, 16)  # bare LF line ends
+    assert not head_can_end(b"", b"POST / HTTP/1.1\r\nx: " + b"a" * 100, 50)
+    assert head_can_end(b"", b"GET / HTTP/1.1\r\n\r\n" + b"a" * 100, 20)  # a small head, then a body
+    assert head_can_end(b"x\r\n", b"\r\n" + b"a" * 100, 0)  # the empty line straddles two reads
+    assert head_can_end(b"", b"GET / HTTP/1.1\n\n" + b"a" * 100, 16)  # bare LF line ends
