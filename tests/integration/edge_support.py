@@ -261,3 +261,12 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> bytes:
         with contextlib.suppress(ConnectionError):
             return await reader.read()
     return b""
+
+
+async def closed_within(reader: asyncio.StreamReader, wait: float) -> bool:
+    """Whether the peer closed the connection within ``wait`` seconds."""
+    try:
+        await closed_by_peer(reader, wait)
+    except TimeoutError:
+        return False
+    return True

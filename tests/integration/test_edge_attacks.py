@@ -22,6 +22,7 @@ from tests.integration.edge_support import (
     Guard,
     RecordingUpstream,
     closed_by_peer,
+    closed_within,
     connections,
     edge_guard,
     raw_exchange,
@@ -213,18 +214,10 @@ async def test_idle_keep_alive_connections_past_their_limit_close_the_oldest() -
                 await asyncio.sleep(IDLE_GRACE + 0.2)  # the rule is about elapsed time: let the grace pass
                 ninth[0][1].write(request("GET", "/guard/health"))
                 assert (await read_answer(ninth[0][0])).status == 200
-                closed = await asyncio.gather(*(_closed_soon(r) for r, _ in kept))
+                closed = await asyncio.gather(*(closed_within(r, 1.0) for r, _ in kept))
                 assert closed == [True] * 5 + [False] * 3
             assert up.requests == []
     # which connection goes when the guard is at max_connections: tests/integration/test_edge_room.py
-
-
-async def _closed_soon(reader: asyncio.StreamReader, wait: float = 1.0) -> bool:
-    try:
-        await closed_by_peer(reader, wait)
-    except TimeoutError:
-        return False
-    return True
 
 
 async def test_nothing_of_the_guards_own_goes_upstream() -> None:

@@ -12,7 +12,7 @@ from gateway_guard.app.edge_room import HEAD_GRACE
 from tests.integration.edge_support import (
     Guard,
     RecordingUpstream,
-    closed_by_peer,
+    closed_within,
     connections,
     edge_guard,
     raw_exchange,
@@ -23,14 +23,6 @@ from tests.integration.edge_support import (
 CHAT = "/v1/chat/completions"
 SMALL_CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 MB = 1024 * 1024
-
-
-async def _is_open(reader: asyncio.StreamReader, wait: float = 0.5) -> bool:
-    try:
-        await closed_by_peer(reader, wait)
-    except TimeoutError:
-        return True
-    return False
 
 
 async def test_at_max_connections_silent_and_slow_ones_go_before_kept_alive_clients() -> None:
@@ -52,8 +44,8 @@ async def test_at_max_connections_silent_and_slow_ones_go_before_kept_alive_clie
                         for reader, writer in newcomers:
                             writer.write(health)
                             assert (await read_answer(reader)).status == 200
-                        gone = await asyncio.gather(*(_is_open(r, 2.0) for r, _ in [*silent, *slow]))
-                        assert gone == [False] * 16
+                        gone = await asyncio.gather(*(closed_within(r, 2.0) for r, _ in [*silent, *slow]))
+                        assert gone == [True] * 16
                         for reader, writer in kept:  # still open, and served
                             writer.write(health)
                             assert (await read_answer(reader)).status == 200
@@ -72,7 +64,7 @@ async def test_a_newcomer_gets_503_only_when_every_connection_is_busy() -> None:
                 await asyncio.sleep(HEAD_GRACE + 0.2)  # not one of them is young any more
                 answer = await raw_exchange(guard.port, request("GET", "/guard/health"), timeout=10)
                 assert answer.status == 503 and answer.head.lower().count("retry-after: 1") == 1
-                assert all(await asyncio.gather(*(_is_open(r) for r, _ in busy)))
+                assert not any(await asyncio.gather(*(closed_within(r, 0.5) for r, _ in busy)))
             assert "503 from 127.0.0.1" in guard.log()
             assert up.requests == []
 
@@ -110,7 +102,7 @@ async def test_reads_past_read_rate_get_a_429_and_keep_their_connection() -> Non
                 assert first.status == 429 and "connection: close" not in first.head.lower()
                 second = await read_answer(reader, timeout=10)
                 assert second.status == 429 and "connection: close" in second.head.lower()
-                assert not await _is_open(reader, 2.0)
+                assert await closed_within(reader, 2.0)
             assert "429 from 127.0.0.1" in guard.log()
             assert up.requests == []
 
@@ -126,8 +118,8 @@ async def test_idle_connections_refused_for_their_read_rate_go_before_a_served_c
                 statuses = [await _get(reader, writer, "/metrics") for reader, writer in scrapers]
                 assert statuses == [200, 429, 429, 429]  # the first took the one token
                 # the client and scraper 0 (served) fill the two idle places; each refused one goes at once
-                still_open = await asyncio.gather(*(_is_open(r, 1.0) for r, _ in scrapers))
-                assert still_open == [True, False, False, False]
+                closed = await asyncio.gather(*(closed_within(r, 1.0) for r, _ in scrapers))
+                assert closed == [False, True, True, True]
                 assert await _get(*client[0], "/guard/health") == 200
             assert up.requests == []
 
