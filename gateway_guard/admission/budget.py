@@ -34,7 +34,7 @@ class _Learnt:
 
 
 class TokenBudget:
-    __slots__ = ("_learnt", "capacity", "default_output", "in_use")
+    __slots__ = ("_learnt", "capacity", "default_output", "in_use", "shared")
 
     def __init__(self, capacity: int, *, default_output: int = 512) -> None:
         if capacity < 1:
@@ -42,6 +42,7 @@ class TokenBudget:
         self.capacity = capacity
         self.default_output = default_output
         self.in_use = 0
+        self.shared = False  # the budget is checked elsewhere (the shared gate, in Redis): here it only sizes
         self._learnt: dict[str, _Learnt] = {}
 
     def need(self, profile: str, prompt_estimate: int) -> int:
@@ -56,7 +57,7 @@ class TokenBudget:
         return self.default_output if learnt is None else learnt.output
 
     def fits(self, tokens: int) -> bool:
-        return self.in_use == 0 or self.in_use + tokens <= self.capacity
+        return self.shared or self.in_use == 0 or self.in_use + tokens <= self.capacity
 
     def take(self, tokens: int) -> None:
         self.in_use += tokens

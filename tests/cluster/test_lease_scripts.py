@@ -1,5 +1,5 @@
 """The Lua scripts against a real redis-server: random acquire / release / renew / replica death / lease expiry /
-clock jump / server restart sequences, checked step by step against a model.
+clock jump / server restart sequences, checked step by step against a model, token needs and budget included.
 
 Time is never mocked: a lease that expires, or a server clock that jumps ahead of every lease, is made by writing
 expired scores (what the server would hold after the time passed); a restart deletes every key and the script
@@ -29,6 +29,8 @@ LEASE_MS = 600_000  # nothing expires by itself during a run
 AGING_MS = 3_600_000
 WAITS = [0, 300_000, 600_000]  # ranks differ by >= 0.083; the seconds a run lasts move a rank by < 0.01
 TIE = 0.02
+BUDGET = 10  # tokens; a need of 12 is granted only alone
+NEEDS = [1, 3, 6, 12]
 LIVE = 1_000  # scores written to expire a lease are 1; a live lease's is Redis TIME in ms
 
 _names = itertools.count()
@@ -39,6 +41,7 @@ class ModelLease:
     replica: str
     lane: str
     profile: str
+    tokens: int = 0
     in_redis: bool = True
 
 
@@ -79,6 +82,9 @@ class LeaseMachine(RuleBasedStateMachine):
 
         return sum(1 for m in self.leases.values() if m.in_redis and match(m))
 
+    def _tokens(self) -> int:
+        return sum(m.tokens for m in self.leases.values() if m.in_redis)
+
     def _boot(self) -> None:
         if not self.booted:
             self.booted, self.quiet = True, True
@@ -86,7 +92,7 @@ class LeaseMachine(RuleBasedStateMachine):
 
     # -- rules ----------------------------------------------------------------------------------------------
 
-    def _expect(self, replica: str, lane: str, profile: str, waited: int) -> set[int]:
+    def _expect(self, replica: str, lane: str, profile: str, waited: int, need: int) -> set[int]:
         priority, lane_cap = LANES[lane]
         mine = priority - waited / AGING_MS
         profile_cap = PROFILE_CAPS[profile]
@@ -105,35 +111,42 @@ class LeaseMachine(RuleBasedStateMachine):
         ]
         if any(rank < mine - TIE for rank in ranks):
             return {scripts.YIELD}
+        held = self._tokens()
+        fits = scripts.OK if held == 0 or held + need <= BUDGET else scripts.TOKENS  # a large one alone
         if any(abs(rank - mine) <= TIE for rank in ranks):
-            return {scripts.YIELD, scripts.OK}  # same rank: the older publication wins, by ms
-        return {scripts.OK}
+            return {scripts.YIELD, fits}  # same rank: the older publication wins, by ms
+        return {fits}
 
     @precondition(lambda self: self.alive)
     @rule(
         data=st.data(),
         asks=st.lists(
-            st.tuples(st.sampled_from(sorted(LANES)), st.sampled_from(sorted(PROFILE_CAPS)), st.sampled_from(WAITS)),
+            st.tuples(
+                st.sampled_from(sorted(LANES)),
+                st.sampled_from(sorted(PROFILE_CAPS)),
+                st.sampled_from(WAITS),
+                st.sampled_from(NEEDS),
+            ),
             min_size=1,
             max_size=3,
         ),
         publish=st.booleans(),
         releases=st.integers(0, 2),
     )
-    def sync(self, data: st.DataObject, asks: list[tuple[str, str, int]], publish: bool, releases: int) -> None:
+    def sync(self, data: st.DataObject, asks: list[tuple[str, str, int, int]], publish: bool, releases: int) -> None:
         """Some of a replica's leases given back, then up to three asks, in one call (rank order is the caller's)."""
         replica = data.draw(st.sampled_from(sorted(self.alive)))
         store = self.stores[replica]
         mine_held = sorted(k for k, m in self.leases.items() if m.replica == replica)
         give_back = mine_held[:releases]
         was_there = sum(self.leases[k].in_redis for k in give_back)
-        back = [Lease(k, self.leases[k].lane, self.leases[k].profile) for k in give_back]
+        back = [Lease(k, self.leases[k].lane, self.leases[k].profile, self.leases[k].tokens) for k in give_back]
         for k in give_back:
             del self.leases[k]
         plan = []
-        for lane, profile, waited in asks:
+        for lane, profile, waited, need in asks:
             priority, lane_cap = LANES[lane]
-            lease = Lease(store.member(str(next(self.ids))), lane, profile)
+            lease = Lease(store.member(str(next(self.ids))), lane, profile, need)
             plan.append(
                 Ask(
                     lease=lease,
@@ -143,6 +156,7 @@ class LeaseMachine(RuleBasedStateMachine):
                     priority=priority,
                     waited_ms=waited,
                     aging_ms=AGING_MS,
+                    budget=BUDGET,
                 )
             )
         synced = self.run(store.sync(back, plan, cap=CAP, aging_ms=AGING_MS, demand_ttl_ms=LEASE_MS if publish else 0))
@@ -151,12 +165,12 @@ class LeaseMachine(RuleBasedStateMachine):
         assert 1 <= len(synced.codes) <= len(plan)
         for ask, code in zip(plan, synced.codes, strict=False):
             lease = ask.lease
-            allowed = self._expect(replica, lease.lane, lease.profile, ask.waited_ms)
+            allowed = self._expect(replica, lease.lane, lease.profile, ask.waited_ms, lease.tokens)
             assert code in allowed, (code, allowed)
             if code == scripts.OK:
                 assert self._in_redis() < CAP  # the cap, as Redis saw it, had room
-                self.leases[lease.member] = ModelLease(replica, lease.lane, lease.profile)
-            if code in (scripts.FULL, scripts.YIELD, scripts.QUIET):
+                self.leases[lease.member] = ModelLease(replica, lease.lane, lease.profile, lease.tokens)
+            if code in scripts.ENDS:
                 if publish:
                     self.demand[replica] = (ask.priority - ask.waited_ms / AGING_MS, lease.lane)
                 assert synced.codes[-1] == code  # it ended the call
@@ -171,6 +185,7 @@ class LeaseMachine(RuleBasedStateMachine):
             else:
                 self.waiting.discard(replica)
         assert synced.view.total == self._in_redis()
+        assert synced.view.tokens == self._tokens()
         assert synced.others == len(self.waiting - {replica})
 
     @precondition(lambda self: any(m.replica in self.alive for m in self.leases.values()))
@@ -178,15 +193,18 @@ class LeaseMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         member = data.draw(st.sampled_from(sorted(k for k, m in self.leases.items() if m.replica in self.alive)))
         lease = self.leases.pop(member)
-        removed = self.run(self.stores[lease.replica].release(Lease(member, lease.lane, lease.profile)))
+        removed = self.run(self.stores[lease.replica].release(Lease(member, lease.lane, lease.profile, lease.tokens)))
         assert removed == lease.in_redis
 
     @precondition(lambda self: self.alive)
     @rule(data=st.data(), recovering=st.booleans())
     def renew(self, data: st.DataObject, recovering: bool) -> None:
+        """Every lease of a replica upserted, some with a smaller need (a pooled lease serving a smaller request)."""
         replica = data.draw(st.sampled_from(sorted(self.alive)))
         mine = [(k, m) for k, m in self.leases.items() if m.replica == replica]
-        leases = [Lease(k, m.lane, m.profile) for k, m in mine]
+        for _, m in mine:
+            m.tokens = data.draw(st.sampled_from([n for n in NEEDS if n <= m.tokens] or [m.tokens]))
+        leases = [Lease(k, m.lane, m.profile, m.tokens) for k, m in mine]
         view = self.run(self.stores[replica].renew(leases, recovering=recovering))
         if recovering and not self.quiet:  # back from a fallback: everyone re-registers before new grants
             self.quiet, self.renewed_since_restart = True, set()
@@ -195,6 +213,7 @@ class LeaseMachine(RuleBasedStateMachine):
             m.in_redis = True
         assert view.code == int(self.quiet)
         assert view.total == self._in_redis()
+        assert view.tokens == self._tokens()
         assert view.per_replica.get(replica) == len(mine)
         self.renewed_since_restart.add(replica)
         self.renewed_since_jump.add(replica)
@@ -282,6 +301,7 @@ class LeaseMachine(RuleBasedStateMachine):
         assert {k.decode() for k in live} == {k for k, m in self.leases.items() if m.in_redis}
         counts = self.run(self.stores[next(iter(self.stores))].counts())  # purges what expired, indexes too
         assert counts.total == self._in_redis()
+        assert counts.tokens == self._tokens()  # the counter is the sum of the live leases' needs: no drift
         for lane in LANES:
             assert counts.lanes.get(lane, 0) == self._in_redis("lane", lane)
         for profile in PROFILE_CAPS:
@@ -289,24 +309,27 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_cap_holds(self) -> None:
-        """Requests running (the live replicas') never exceed the cap, except after the server's clock jumped past
+        """Requests running (the live replicas') never exceed the cap nor their token needs the budget (but for one
+        request larger than it, alone), except after the server's clock jumped past
         every lease, until every live replica renewed and the excess drained."""
-        running = sum(1 for m in self.leases.values() if m.replica in self.alive)
-        if self.breach_allowed and self.alive <= self.renewed_since_jump and running <= CAP:
+        running = [m for m in self.leases.values() if m.replica in self.alive]
+        tokens = sum(m.tokens for m in running)
+        within = len(running) <= CAP and (tokens <= BUDGET or len(running) == 1)  # a large request runs alone
+        if self.breach_allowed and self.alive <= self.renewed_since_jump and within:
             self.breach_allowed = False
         if not self.breach_allowed:
-            assert running <= CAP
+            assert within, (len(running), tokens)
 
     def teardown(self) -> None:
         try:
             for k, m in list(self.leases.items()):
                 if m.replica in self.alive:
-                    self.run(self.stores[m.replica].release(Lease(k, m.lane, m.profile)))
+                    self.run(self.stores[m.replica].release(Lease(k, m.lane, m.profile, m.tokens)))
                     del self.leases[k]
             self.run(self._expire(list(self.leases), list(self.stores)))
             self.leases.clear()
             counts = self.run(self.stores["r0"].counts())
-            assert counts.total == 0
+            assert (counts.total, counts.tokens) == (0, 0)
             left = {k.decode() for k in self.run(self._keys())}
             suffixes = ("epoch", "quiet", "replicas", "demand", "queued", "waiting")
             allowed = {f"{self.prefix}:{suffix}" for suffix in suffixes}

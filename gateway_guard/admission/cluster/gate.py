@@ -2,13 +2,14 @@
 
 A request passes two steps:
 
-1. **The local gate** (``admission/gate.py``, unchanged): lanes, aging, fair turns between profiles, queue bounds
-   and deadlines, the token budget. Its limit is the cap (``ShareLimit``), so a replica never has more requests
-   past this step than the whole cluster may run.
+1. **The local gate** (``admission/gate.py``): lanes, aging, fair turns between profiles, queue bounds and
+   deadlines. Its limit is the cap (``ShareLimit``), so a replica never has more requests past this step than the
+   whole cluster may run; its token budget only sizes each request's need (``shared``: checked in step 2).
 2. **A lease** in Redis (``leases.py``, ``store.py``): one task per upstream (the *pump*) asks for a lease for the
    best-ranked request past step 1, then the next, until Redis says the cap (``FULL``), or a better-ranked request
-   waiting at another replica (``YIELD``, from the demand replicas publish), stands in the way; a lane or profile
-   at its cluster-wide cap skips to the next request. Waiters wake on the release channel, or on a jittered poll.
+   waiting at another replica (``YIELD``, from the demand replicas publish), or the token budget (``TOKENS``: the
+   leases' token needs summed in Redis) stands in the way; a lane or profile at its cluster-wide cap skips to the
+   next request. Waiters wake on the release channel, or on a jittered poll.
 
 The lease is held as long as the permit, renewed every lease/3 (``keeper``). When the permit is released, the
 lease goes to the replica's pool (``pool.py``) while no other replica waits: the next local request of the same
@@ -85,10 +86,12 @@ class ClusterGate:
             keep_idle=keep_idle,
             queued=lambda: self._local.snapshot().queued,
             changed=self._changed,
+            budget=lambda: self._local.budget,
         )
         self._leases.configure(limit, profiles or {}, self._default_profile, aging_seconds)
         self._link = self._leases.link
         self._local.watch(self._changed)
+        self._share_budget()
 
     # -- the AdmissionGate surface ------------------------------------------------------------------------------
 
@@ -155,10 +158,10 @@ class ClusterGate:
         self.start()
         started = loop.time() if since is None else since
         inner = await self._local.acquire(lane, profile, max_wait=max_wait, prompt_tokens=prompt_tokens, since=since)
-        lease = self._leases.take(policy, profile)
+        lease = self._leases.take(policy, profile, inner.tokens)
         if lease is None:
             try:
-                lease = await self._leases.lease(policy, profile, started, started + wait)
+                lease = await self._leases.lease(policy, profile, inner.tokens, started, started + wait)
             except BaseException as exc:
                 inner.release(Result.IGNORED)
                 if isinstance(exc, TimeoutError):
@@ -192,6 +195,11 @@ class ClusterGate:
             waiting_profiles[want.profile] = waiting_profiles.get(want.profile, 0) + 1
         leases = self._leases
         in_flight = max(self._link.counts.total, self._link.total, len(leases.held)) - len(leases.pool)
+        tokens = None
+        if local.tokens_in_flight is not None:  # the cluster-wide figure, as last seen, less our idle leases'
+            held_tokens = sum(lease.tokens for lease in leases.held.values())
+            idle_tokens = sum(lease.tokens for lease in leases.held.values() if lease.member in leases.pool)
+            tokens = max(self._link.tokens, held_tokens) - idle_tokens
         me = self._store.replica
         queued = local.queued + len(leases.wants) + sum(n for r, n in self._link.counts.queued.items() if r != me)
         open_slots = max(0, limit - in_flight)
@@ -215,7 +223,7 @@ class ClusterGate:
             0 if local.held else max(0, open_slots - queued),
             lanes,
             profiles,
-            tokens_in_flight=local.tokens_in_flight,
+            tokens_in_flight=tokens,
             max_context_tokens=local.max_context_tokens,
             held=local.held,
         )
@@ -227,6 +235,7 @@ class ClusterGate:
             self._cap = limit
             self._share.follow(limit)
         self._local.reconfigure(policy, profiles=profiles, aging_seconds=aging_seconds, limit=self._share)
+        self._share_budget()
         self._leases.configure(limit, profiles, self._default_profile, aging_seconds)
 
     # -- the cluster part ---------------------------------------------------------------------------------------
@@ -268,6 +277,12 @@ class ClusterGate:
         inner.report_usage(prompt_tokens=outer.prompt_tokens, output_tokens=outer.output_tokens)
         inner.release(result)
         self._leases.give_back(lease)
+
+    def _share_budget(self) -> None:
+        """The local gate sizes each request's token need; the budget is checked in Redis, in rank order across
+        replicas (a request waiting there for its profile's cap must not hold back the others here)."""
+        if self._local.budget is not None:
+            self._local.budget.shared = True
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None

@@ -4,11 +4,14 @@
 its requests waiting for one (``wants``). One task (``pump``) makes one round trip per turn: the leases given back
 since the last one, then asks for the best-ranked waiters (up to ``BATCH``), until Redis says the cap (``FULL``)
 or a better-ranked request waiting at another replica (``YIELD``) stands in the way; a lane or profile at its
-cluster-wide cap skips to the next request. Waiters wake on another replica's release, or on a jittered poll.
+cluster-wide cap skips to the next request; one whose token need would pass the upstream's token budget
+(``TOKENS``) ends the turn like ``FULL`` (nobody overtakes it, as in the local gate). Waiters wake on another
+replica's release, or on a jittered poll.
 
-A lease given back goes to the best local waiter of its lane and profile, else to the pool (``pool.py``) while no
+Each lease carries its request's token need (counted in Redis against the budget). A lease given back goes to the
+best local waiter of its lane and profile whose need it covers, else to the pool (``pool.py``) while no
 other replica waits, else back to Redis with the pump's next round trip. In fallback the pump grants up to the
-allowance (``link.py``) instead of asking Redis.
+allowance (``link.py``), in requests and in tokens, instead of asking Redis.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from redis.exceptions import RedisError
 
+from gateway_guard.admission.budget import TokenBudget
 from gateway_guard.admission.cluster import scripts
 from gateway_guard.admission.cluster.link import FALLBACK, GONE, QUIET, SHARED, Link, wait_for_event
 from gateway_guard.admission.cluster.pool import LeasePool
@@ -38,10 +43,12 @@ BATCH = 16  # waiters asked for in one round trip
 class Want:
     """A request past the local gate, waiting for its lease."""
 
-    __slots__ = ("enqueued_at", "future", "lane", "profile")
+    __slots__ = ("enqueued_at", "future", "lane", "profile", "tokens")
 
-    def __init__(self, lane: LanePolicy, profile: str, enqueued_at: float, future: asyncio.Future[Lease]) -> None:
-        self.lane, self.profile, self.enqueued_at, self.future = lane, profile, enqueued_at, future
+    def __init__(
+        self, lane: LanePolicy, profile: str, tokens: int, enqueued_at: float, future: asyncio.Future[Lease]
+    ) -> None:
+        self.lane, self.profile, self.tokens, self.enqueued_at, self.future = lane, profile, tokens, enqueued_at, future
 
 
 class Leases:
@@ -54,8 +61,10 @@ class Leases:
         keep_idle: float | None,
         queued: Callable[[], int],
         changed: Callable[[], None],
+        budget: Callable[[], TokenBudget | None] = lambda: None,
     ) -> None:
-        self.name, self.store, self.share = name, store, share
+        """``budget``: the upstream's token budget now (the local gate's; a reload may replace it)."""
+        self.name, self.store, self.share, self._budget = name, store, share, budget
         lease_s = store.lease_ms / 1000
         self.poll = min(0.25, lease_s / 10)  # the fallback to the release channel
         self._demand_ttl_ms = max(1000, round(self.poll * 8000))
@@ -78,7 +87,7 @@ class Leases:
             self.held,
             self.pool,
             queued=lambda: queued() + len(self.wants),
-            unsent=lambda: len(self._releasing),
+            unsent=lambda: self._releasing,
             kick=self.kick,
             heard=self._heard,
             changed=changed,
@@ -109,19 +118,27 @@ class Leases:
 
     # -- a request's lease ----------------------------------------------------------------------------------------
 
-    def take(self, lane: LanePolicy, profile: str) -> Lease | None:
-        """A pooled lease for this request, when nobody waits ahead of it here or at another replica."""
+    def take(self, lane: LanePolicy, profile: str, tokens: int) -> Lease | None:
+        """A pooled lease for this request (of its lane and profile, counted for at least its token need), when
+        nobody waits ahead of it here or at another replica."""
         if not self.pool or not self._pooling() or any(not w.future.done() for w in self.wants):
             return None
-        lease = self.pool.take(lane.name, profile)
-        if lease is None:  # counted under another lane or profile in Redis: this request asks for its own
+        lease = self.pool.take(lane.name, profile, tokens)
+        if lease is None:  # counted under another lane or profile, or for fewer tokens: this one asks for its own
             self._send_back(*self.pool.drain())
+            return None
+        return self._serve(lease, tokens)
+
+    def _serve(self, lease: Lease, tokens: int) -> Lease:
+        """A lease counted for more tokens than this request needs serves it; the next renewal says its need."""
+        if lease.tokens != tokens:
+            lease = self.held[lease.member] = replace(lease, tokens=tokens)
         return lease
 
-    async def lease(self, lane: LanePolicy, profile: str, enqueued_at: float, deadline: float) -> Lease:
+    async def lease(self, lane: LanePolicy, profile: str, tokens: int, enqueued_at: float, deadline: float) -> Lease:
         """A lease from Redis (or the fallback); ``TimeoutError`` when ``deadline`` passes first."""
         assert self._loop is not None
-        want = Want(lane, profile, enqueued_at, self._loop.create_future())
+        want = Want(lane, profile, tokens, enqueued_at, self._loop.create_future())
         self.wants.append(want)
         self.kick()
         try:
@@ -148,8 +165,8 @@ class Leases:
                 self.pool.put(lease, self._loop.time())
                 return
             best = pending[0]
-            if best.lane.name == lease.lane and best.profile == lease.profile:
-                best.future.set_result(lease)
+            if best.lane.name == lease.lane and best.profile == lease.profile and best.tokens <= lease.tokens:
+                best.future.set_result(self._serve(lease, best.tokens))
                 return
         self._send_back(lease)
 
@@ -203,16 +220,17 @@ class Leases:
                 self._demand = False
                 await self.store.clear_demand()
             return
-        cap, now = self._cap.limit, self._loop.time()
+        cap, now, budget = self._cap.limit, self._loop.time(), self._budget()
         asks = [
             Ask(
-                lease=Lease(self.store.member(str(next(self._ids))), want.lane.name, want.profile),
+                lease=Lease(self.store.member(str(next(self._ids))), want.lane.name, want.profile, want.tokens),
                 cap=cap,
                 lane_cap=max(1, cap - want.lane.headroom),
                 profile_cap=self._profiles.get(want.profile, self._default_profile).max_inflight,
                 priority=want.lane.priority,
                 waited_ms=round((now - want.enqueued_at) * 1000),
                 aging_ms=round(self._aging * 1000),
+                budget=None if budget is None else budget.capacity,
             )
             for want in pending
         ]
@@ -241,21 +259,24 @@ class Leases:
                 self.give_back(ask.lease)
             else:
                 want.future.set_result(ask.lease)
-        # FULL, YIELD or QUIET ended the call: its request is our demand now. Any refusal marks us waiting.
-        ended = bool(synced.codes) and synced.codes[-1] in (scripts.FULL, scripts.YIELD, scripts.QUIET)
+        # FULL, YIELD, QUIET or TOKENS ended the call: its request is our demand now. Any refusal marks us waiting.
+        ended = bool(synced.codes) and synced.codes[-1] in scripts.ENDS
         self._demand = any(code != scripts.OK for code in synced.codes)
         if len(pending) == BATCH and not ended:
             self.kick()  # there may be more behind the batch
 
     async def _grant_in_fallback(self) -> None:
-        """Up to the share. While Redis answers (a quiet period) the new leases are put there before the grant:
-        a replica back on the shared gate must not be granted past them."""
-        allowance = self.share.allowance or 0
+        """Up to the share, in requests and in tokens (in rank order: nobody overtakes a request whose need does
+        not fit). While Redis answers (a quiet period) the new leases are put there before the grant: a replica
+        back on the shared gate must not be granted past them."""
+        allowance, tokens = self.share.allowance or 0, self.share.tokens or 0
+        held_tokens = sum(lease.tokens for lease in self.held.values())
         granted: list[tuple[Want, Lease]] = []
         for want in self._pending():
-            if len(self.held) >= allowance:
+            if len(self.held) >= allowance or held_tokens + want.tokens > tokens:
                 break
-            lease = Lease(self.store.member(str(next(self._ids))), want.lane.name, want.profile)
+            held_tokens += want.tokens
+            lease = Lease(self.store.member(str(next(self._ids))), want.lane.name, want.profile, want.tokens)
             self.held[lease.member] = lease
             granted.append((want, lease))
         if granted and self.link.reachable:

@@ -4,8 +4,9 @@
   twice), beats its heart, and reads the cluster-wide counts; in fallback it retries every half second at most.
 * ``listen()`` hands each message of the release channel to the gate (``heard``): another replica's release, or
   its new demand.
-* ``fall_back(reason)`` restricts the local gate to what the replica holds at that moment (it may replace a
-  request that ends, not add one), logs it once, and marks the replica *recovering* if Redis was gone: its
+* ``fall_back(reason)`` restricts the local gate to what the replica holds at that moment, in requests and in
+  token needs (it may replace a request that ends, not add one), logs it once, and marks the replica
+  *recovering* if Redis was gone: its
   first renewal back starts a quiet period, so that no replica is granted a lease past those the others took
   in fallback before they too have put them back.
 """
@@ -73,7 +74,7 @@ class Link:
         pool: LeasePool,
         *,
         queued: Callable[[], int],
-        unsent: Callable[[], int],
+        unsent: Callable[[], list[Lease]],
         kick: Callable[[], None],
         heard: Callable[[bytes], None],
         changed: Callable[[], None],
@@ -84,6 +85,7 @@ class Link:
         self.mode, self.reason = SHARED, ""
         self.seen: dict[str, int] | None = None  # leases per live replica at the last look; None: never looked
         self.total = 0
+        self.tokens = 0  # the leases' token needs summed, cluster-wide, at the last look
         self.counts = Counts(0, {}, {})
         self.recovering = False
         self.renew_now = asyncio.Event()
@@ -137,13 +139,15 @@ class Link:
         so the replicas together stay under it whatever they last saw of each other; a share of the cap
         computed from what they last saw could be one too many (the others' last grants were not in it)."""
         if self.mode != FALLBACK:
-            allowance = len(self.held) + self._unsent()  # as Redis counted them: idle and unsent ones included
+            unsent = self._unsent()  # as Redis counted them: idle and unsent ones included
+            allowance = len(self.held) + len(unsent)
+            tokens = sum(lease.tokens for lease in (*self.held.values(), *unsent))
             self.renew_now.set()  # try Redis again soon (then every RETRY_SECONDS at most)
             log.warning(
                 "upstream %s: shared gate unavailable (%s); replica %s keeps the %d requests it holds (cap %d)",
                 self.name, reason, self.store.replica, allowance, self.share.inner.limit,
             )  # fmt: skip
-            self.share.restrict(allowance)
+            self.share.restrict(allowance, tokens)
         self.mode, self.reason = FALLBACK, reason
         if reason.startswith(GONE):
             self.recovering = True  # what we grant now, Redis learns only when back: hold the others till then
@@ -154,7 +158,7 @@ class Link:
         """In fallback a view may be partial (a restarted server knows only the replicas back so far): keep the
         most each replica was seen holding, until the shared gate is back."""
         seen = dict(view.per_replica)
-        self.total = view.total
+        self.total, self.tokens = view.total, view.tokens
         if self.mode == FALLBACK:
             if self.seen is None:  # a replica that never saw the whole cluster learns nothing from a part
                 return

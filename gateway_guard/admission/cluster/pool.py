@@ -8,7 +8,8 @@ holds whoever uses it. The gate sends pooled leases back to Redis when:
 * no local request took one for ``keep`` seconds (``stale``);
 * another replica is waiting (``others_waiting``: it published demand, heard on the release channel, or a script
   said so), so that interactive-first, aging and the per-profile caps rank requests across replicas as before;
-* a request of another lane or profile comes (a lease is counted in Redis under its lane and profile);
+* a request of another lane or profile comes (a lease is counted in Redis under its lane and profile), or one
+  that needs more tokens than any idle lease is counted for (it might not fit in the budget beside them);
 * the replica falls back, is closed, or the cap goes down.
 """
 
@@ -42,11 +43,12 @@ class LeasePool:
     def put(self, lease: Lease, now: float) -> None:
         self._idle[lease.member] = (lease, now)
 
-    def take(self, lane: str, profile: str) -> Lease | None:
-        """The most recently given back lease of this lane and profile (the older ones may go stale and leave)."""
+    def take(self, lane: str, profile: str, tokens: int = 0) -> Lease | None:
+        """The most recently given back lease of this lane and profile counted for at least ``tokens`` (the older
+        ones may go stale and leave)."""
         for member in reversed(self._idle):
             lease = self._idle[member][0]
-            if lease.lane == lane and lease.profile == profile:
+            if lease.lane == lane and lease.profile == profile and lease.tokens >= tokens:
                 del self._idle[member]
                 return lease
         return None

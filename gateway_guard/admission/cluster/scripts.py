@@ -3,7 +3,8 @@
 Keys of one upstream share the prefix ``gg:{<upstream>}`` (one hash tag, so one slot):
 
 * ``:leases``   sorted set, member ``<replica>|<request>``, score = expiry in ms of the server's ``TIME``: the truth
-* ``:info``     hash, member -> ``<lane>\\n<profile>`` (to keep the indexes right when a lease expires)
+* ``:info``     hash, member -> ``<lane>\\n<profile>\\n<tokens>`` (to keep the indexes right when a lease expires)
+* ``:tokens``   the sum of the live leases' token needs (kept by ``put`` and ``unindex``; gone at 0)
 * ``:lane:<l>`` and ``:prof:<p>``  sets of members: per-lane and per-profile indexes of ``:leases``
 * ``:replicas`` sorted set, replica id -> heartbeat expiry (ms): who was alive lately
 * ``:queued``   hash, replica id -> ``<requests waiting>|<expiry ms>`` (for the cluster-wide capacity view)
@@ -20,7 +21,8 @@ replica newly marked waiting too (``?<replica>``): replicas that keep idle lease
 
 from __future__ import annotations
 
-OK, FULL, LANE_FULL, PROFILE_FULL, YIELD, QUIET = 1, 0, -1, -2, -3, -4
+OK, FULL, LANE_FULL, PROFILE_FULL, YIELD, QUIET, TOKENS = 1, 0, -1, -2, -3, -4, -5
+ENDS = (FULL, YIELD, QUIET, TOKENS)  # the codes that end a call (its ask is published as the replica's demand)
 
 _COMMON = r"""
 local p = ARGV[1]
@@ -35,13 +37,24 @@ local function boot(now, lease)
   end
   return redis.call('EXISTS', p .. ':quiet')
 end
+local function add_tokens(delta)
+  if delta ~= 0 and redis.call('INCRBY', p .. ':tokens', delta) == 0 then redis.call('DEL', p .. ':tokens') end
+end
+local function tokens_in_use()
+  return tonumber(redis.call('GET', p .. ':tokens') or '0')
+end
+local function parse(info)
+  local lane, profile, tokens = string.match(info, '^(.-)\n(.*)\n(%d+)$')
+  return lane, profile, tonumber(tokens)
+end
 local function unindex(member)
   local info = redis.call('HGET', p .. ':info', member)
   if info then
-    local lane, profile = string.match(info, '^(.-)\n(.*)$')
+    local lane, profile, tokens = parse(info)
     redis.call('SREM', p .. ':lane:' .. lane, member)
     redis.call('SREM', p .. ':prof:' .. profile, member)
     redis.call('HDEL', p .. ':info', member)
+    add_tokens(-tokens)
   end
 end
 local function purge(now)
@@ -50,14 +63,21 @@ local function purge(now)
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', p .. ':leases', '-inf', now) end
   redis.call('ZREMRANGEBYSCORE', p .. ':replicas', '-inf', now)
 end
-local function put(member, lane, profile, expiry)
+local function put(member, lane, profile, tokens, expiry)  -- an upsert: a lease's tokens are counted once
+  local old = redis.call('HGET', p .. ':info', member)
+  local before = 0
+  if old then
+    local _lane, _profile, t = parse(old)
+    before = t
+  end
+  add_tokens(tonumber(tokens) - before)
   redis.call('ZADD', p .. ':leases', expiry, member)
-  redis.call('HSET', p .. ':info', member, lane .. '\n' .. profile)
+  redis.call('HSET', p .. ':info', member, lane .. '\n' .. profile .. '\n' .. tokens)
   redis.call('SADD', p .. ':lane:' .. lane, member)
   redis.call('SADD', p .. ':prof:' .. profile, member)
 end
 local function view(code)
-  local out = {code, redis.call('ZCARD', p .. ':leases')}
+  local out = {code, redis.call('ZCARD', p .. ':leases'), tokens_in_use()}
   local counts = {}
   for _, member in ipairs(redis.call('ZRANGE', p .. ':leases', 0, -1)) do
     local r = string.match(member, '^([^|]*)|')
@@ -73,13 +93,15 @@ end
 
 # One round trip for what a replica has to say: the leases it gives back, then its waiting requests in rank order.
 # ARGV: prefix, replica, channel, cap, lease_ms, aging_ms, demand_ttl_ms (0: publish no demand), n (releases),
-#       n members to release, then per ask 7 values: member, lane, profile, lane_cap, profile_cap (-1: none),
-#       priority, waited_ms.
-# Each ask in turn: OK, or LANE_FULL / PROFILE_FULL (the next ask is tried), or FULL / YIELD / QUIET, which end
-# the call (that ask is published as the replica's demand). A replica with a refused ask (any code but OK) is also
+#       n members to release, then per ask 9 values: member, lane, profile, lane_cap, profile_cap (-1: none),
+#       priority, waited_ms, tokens (its need), budget (the upstream's max context tokens; -1: none).
+# Each ask in turn: OK, or LANE_FULL / PROFILE_FULL (the next ask is tried), or FULL / YIELD / QUIET / TOKENS
+# (the leases' tokens and its need would pass the budget, and some lease holds tokens: a request larger than the
+# budget is granted alone), which end the call (that ask is published as the replica's demand).
+# A replica with a refused ask (any code but OK) is also
 # marked waiting (``:waiting``, for demand_ttl), announced on the channel as '?<replica>' when the mark is new, so
 # that replicas keeping idle leases (pool.py) give them back. A release is announced as '<replica>'.
-# -> {{codes...}, released, other replicas waiting, leases in total, replica, count, ...}
+# -> {{codes...}, released, other replicas waiting, leases in total, their tokens, replica, count, ...}
 SYNC = (
     _COMMON
     + r"""
@@ -147,12 +169,13 @@ for i = 1, #demand, 2 do
   end
 end
 local full_lane, full_profile = {}, {}
-for at = first, #ARGV, 7 do
+for at = first, #ARGV, 9 do
   local member, lane, profile = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   local lane_cap, profile_cap = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   local mine = tonumber(ARGV[at + 5]) - tonumber(ARGV[at + 6]) / aging
+  local need, budget = tonumber(ARGV[at + 7]), tonumber(ARGV[at + 8])
   if redis.call('ZSCORE', p .. ':leases', member) then
-    put(member, lane, profile, now + lease)
+    put(member, lane, profile, need, now + lease)
     codes[#codes + 1] = 1
   elseif redis.call('ZCARD', p .. ':leases') >= cap then
     return publish(at, 0)
@@ -167,7 +190,9 @@ for at = first, #ARGV, 7 do
     for _, o in ipairs(others) do
       if o[1] < mine and redis.call('SCARD', p .. ':lane:' .. o[2]) < o[3] then return publish(at, -3) end
     end
-    put(member, lane, profile, now + lease)
+    local held = tokens_in_use()
+    if budget >= 0 and held > 0 and held + need > budget then return publish(at, -5) end
+    put(member, lane, profile, need, now + lease)
     codes[#codes + 1] = 1
   end
 end
@@ -176,11 +201,12 @@ return reply(next(full_lane) ~= nil or next(full_profile) ~= nil)
 """
 )
 
-# ARGV: prefix, replica, lease_ms, recovering (1/0), queued (its requests waiting), then (member, lane, profile)
-# triples: every lease the replica holds now. Upserts them (a lease that expired, or that a restarted server lost,
+# ARGV: prefix, replica, lease_ms, recovering (1/0), queued (its requests waiting), then (member, lane, profile,
+# tokens) quadruples: every lease the replica holds now, with its token need (a changed need replaces the old).
+# Upserts them (a lease that expired, or that a restarted server lost,
 # is put back: the request still runs) and records the heartbeat. A replica back from its fallback starts a quiet
 # period (unless one runs), so that no lease is granted past the ones the others took in fallback before they too
-# have put them back. -> {quiet (1/0), leases in total, replica, count, ...}
+# have put them back. -> {quiet (1/0), leases in total, their tokens, replica, count, ...}
 RENEW = (
     _COMMON
     + r"""
@@ -189,7 +215,7 @@ local now = now_ms()
 if ARGV[4] == '1' then redis.call('SET', p .. ':quiet', '1', 'PX', lease, 'NX') end
 local quiet = boot(now, lease)
 purge(now)
-for i = 6, #ARGV, 3 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], now + lease) end
+for i = 6, #ARGV, 4 do put(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], now + lease) end
 redis.call('ZADD', p .. ':replicas', now + 3 * lease, replica)
 redis.call('HSET', p .. ':queued', replica, ARGV[5] .. '|' .. (now + 3 * lease))
 local out = view(quiet)
@@ -203,7 +229,7 @@ redis.call('HDEL', ARGV[1] .. ':waiting', ARGV[2])
 return redis.call('HDEL', ARGV[1] .. ':demand', ARGV[2])
 """
 
-# ARGV: prefix -> {leases in total, {lane, count, ...}, {profile, count, ...}, {replica, queued, ...}}
+# ARGV: prefix -> {leases in total, {lane, count, ...}, {profile, count, ...}, {replica, queued, ...}, tokens}
 GLOBAL_VIEW = (
     _COMMON
     + r"""
@@ -212,7 +238,7 @@ purge(now)
 local lanes, profiles = {}, {}
 local seen_lane, seen_prof = {}, {}
 for _, info in ipairs(redis.call('HVALS', p .. ':info')) do
-  local lane, profile = string.match(info, '^(.-)\n(.*)$')
+  local lane, profile = parse(info)
   seen_lane[lane] = (seen_lane[lane] or 0) + 1
   seen_prof[profile] = (seen_prof[profile] or 0) + 1
 end
@@ -228,6 +254,6 @@ for i = 1, #q, 2 do
     queued[#queued + 1] = q[i]; queued[#queued + 1] = tonumber(n)
   end
 end
-return {redis.call('ZCARD', p .. ':leases'), lanes, profiles, queued}
+return {redis.call('ZCARD', p .. ':leases'), lanes, profiles, queued, tokens_in_use()}
 """
 )

@@ -1,5 +1,6 @@
 """The limit a replica's local gate enforces: the real cap while the cap is shared, at most ``allowance`` while
-it is not (``link.py``: what the replica held when it lost the shared gate; 0 if it never had it).
+it is not (``link.py``: what the replica held when it lost the shared gate; 0 if it never had it). ``tokens``
+is the same for the token budget: the token needs of the leases it held then (the pump grants no lease past it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class ShareLimit:
 
     def __init__(self, inner: Limit) -> None:
         self.allowance: int | None = None
+        self.tokens: int | None = None
         self._listeners: list[Callable[[int], None]] = []
         self.follow(inner)
 
@@ -54,7 +56,8 @@ class ShareLimit:
         cap = self.inner.limit
         return cap if self.allowance is None else min(cap, self.allowance)
 
-    def restrict(self, allowance: int | None) -> None:
+    def restrict(self, allowance: int | None, tokens: int | None = None) -> None:
+        self.tokens = None if allowance is None else tokens
         if allowance != self.allowance:
             self.allowance = allowance
             self._notify()

@@ -20,20 +20,24 @@ from gateway_guard.admission.cluster.spec import ClusterSpec
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """One request's lease: ``member`` is ``<replica>|<request>``."""
+    """One request's lease: ``member`` is ``<replica>|<request>``; ``tokens``: the token need it is counted for
+    against the upstream's budget (0 without one)."""
 
     member: str
     lane: str
     profile: str
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class View:
-    """What a script saw: its code, the leases in total and per replica (replicas alive lately with 0 included)."""
+    """What a script saw: its code, the leases in total and per replica (replicas alive lately with 0 included),
+    and the sum of their token needs."""
 
     code: int
     total: int
     per_replica: Mapping[str, int] = field(default_factory=dict)
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +54,14 @@ class Synced:
 
 @dataclass(frozen=True, slots=True)
 class Counts:
-    """Cluster-wide: leases in total, per lane and per profile; requests waiting per live replica."""
+    """Cluster-wide: leases in total, per lane and per profile; requests waiting per live replica; the leases'
+    token needs summed."""
 
     total: int
     lanes: Mapping[str, int]
     profiles: Mapping[str, int]
     queued: Mapping[str, int] = field(default_factory=dict)
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +76,7 @@ class Ask:
     waited_ms: int
     aging_ms: int
     demand_ttl_ms: int = 0  # > 0: when refused, publish this request as the replica's demand
+    budget: int | None = None  # the upstream's token budget (max context tokens); the need is ``lease.tokens``
 
 
 def connect(spec: ClusterSpec) -> Redis:
@@ -97,7 +104,7 @@ def _pairs(items: list[Any]) -> dict[str, int]:
 
 
 def _view(raw: list[Any]) -> View:
-    return View(int(raw[0]), int(raw[1]), _pairs(raw[2:]))
+    return View(int(raw[0]), int(raw[1]), _pairs(raw[3:]), int(raw[2]))
 
 
 class LeaseStore:
@@ -129,7 +136,9 @@ class LeaseStore:
         for ask in asks:
             lease = ask.lease
             pcap = -1 if ask.profile_cap is None else ask.profile_cap
+            budget = -1 if ask.budget is None else ask.budget
             args += [lease.member, lease.lane, lease.profile, ask.lane_cap, pcap, ask.priority, ask.waited_ms]
+            args += [lease.tokens, budget]
         raw = await self._sync(args=args)
         codes = [int(c) for c in raw[0]]
         return Synced(codes, int(raw[1]), _view([codes[-1] if codes else scripts.OK, *raw[3:]]), int(raw[2]))
@@ -148,7 +157,7 @@ class LeaseStore:
         (back from the fallback) starts a quiet period. ``View.code`` is 1 while the server is quiet."""
         args: list[str | int] = [self.prefix, self.replica, self.lease_ms, int(recovering), queued]
         for lease in leases:
-            args += [lease.member, lease.lane, lease.profile]
+            args += [lease.member, lease.lane, lease.profile, lease.tokens]
         return _view(await self._renew(args=args))
 
     async def clear_demand(self) -> None:
@@ -156,4 +165,4 @@ class LeaseStore:
 
     async def counts(self) -> Counts:
         raw = await self._global(args=[self.prefix])
-        return Counts(int(raw[0]), _pairs(raw[1]), _pairs(raw[2]), _pairs(raw[3]))
+        return Counts(int(raw[0]), _pairs(raw[1]), _pairs(raw[2]), _pairs(raw[3]), int(raw[4]))
