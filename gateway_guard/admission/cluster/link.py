@@ -6,9 +6,8 @@
   its new demand.
 * ``fall_back(reason)`` restricts the local gate to what the replica holds at that moment, in requests and in
   token needs (it may replace a request that ends, not add one), logs it once, and marks the replica
-  *recovering* if Redis was gone: its
-  first renewal back starts a quiet period, so that no replica is granted a lease past those the others took
-  in fallback before they too have put them back.
+  *recovering* if Redis was gone: its first renewal back starts a quiet period, so that no replica is granted a
+  lease past those the others took in fallback before they too have put them back.
 """
 
 from __future__ import annotations

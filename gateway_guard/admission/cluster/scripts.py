@@ -97,10 +97,10 @@ end
 #       priority, waited_ms, tokens (its need), budget (the upstream's max context tokens; -1: none).
 # Each ask in turn: OK, or LANE_FULL / PROFILE_FULL (the next ask is tried), or FULL / YIELD / QUIET / TOKENS
 # (the leases' tokens and its need would pass the budget, and some lease holds tokens: a request larger than the
-# budget is granted alone), which end the call (that ask is published as the replica's demand).
-# A replica with a refused ask (any code but OK) is also
-# marked waiting (``:waiting``, for demand_ttl), announced on the channel as '?<replica>' when the mark is new, so
-# that replicas keeping idle leases (pool.py) give them back. A release is announced as '<replica>'.
+# budget is granted alone), which end the call (that ask is published as the replica's demand). A replica with a
+# refused ask (any code but OK) is also marked waiting (``:waiting``, for demand_ttl), announced on the channel as
+# '?<replica>' when the mark is new, so that replicas keeping idle leases (pool.py) give them back. A release is
+# announced as '<replica>'.
 # -> {{codes...}, released, other replicas waiting, leases in total, their tokens, replica, count, ...}
 SYNC = (
     _COMMON
@@ -203,8 +203,8 @@ return reply(next(full_lane) ~= nil or next(full_profile) ~= nil)
 
 # ARGV: prefix, replica, lease_ms, recovering (1/0), queued (its requests waiting), then (member, lane, profile,
 # tokens) quadruples: every lease the replica holds now, with its token need (a changed need replaces the old).
-# Upserts them (a lease that expired, or that a restarted server lost,
-# is put back: the request still runs) and records the heartbeat. A replica back from its fallback starts a quiet
+# Upserts them (a lease that expired, or that a restarted server lost, is put back: the request still runs) and
+# records the heartbeat. A replica back from its fallback starts a quiet
 # period (unless one runs), so that no lease is granted past the ones the others took in fallback before they too
 # have put them back. -> {quiet (1/0), leases in total, their tokens, replica, count, ...}
 RENEW = (
