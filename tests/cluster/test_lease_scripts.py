@@ -378,3 +378,38 @@ async def test_a_fresh_server_grants_nothing_for_one_lease(shared_redis: RedisSe
         assert view.per_replica == {"a": 2}
     finally:
         await redis.aclose()
+
+
+async def test_a_lease_put_without_a_token_need_expires_cleanly(shared_redis: RedisServer, upstream_name: str) -> None:
+    """A lease left by a version without token needs (``:info`` = lane and profile only) counts 0 tokens and is
+    purged like any other (else every script would fail on it, and the replicas would stay in fallback)."""
+    redis = Redis.from_url(shared_redis.url)
+    try:
+        store = LeaseStore(redis, upstream_name, "a", lease_ms=LEASE_MS)
+        p = store.prefix
+        await redis.set(f"{p}:epoch", 0)
+        await redis.zadd(f"{p}:leases", {"old|1": 1, "old|2": 2**50})  # one expired, one live
+        for member in ("old|1", "old|2"):
+            await redis.hset(f"{p}:info", member, "batch\np")
+            await redis.sadd(f"{p}:lane:batch", member)
+            await redis.sadd(f"{p}:prof:p", member)
+        counts = await store.counts()
+        assert (counts.total, counts.tokens, dict(counts.lanes)) == (1, 0, {"batch": 1})
+        ask = Ask(
+            lease=Lease(store.member("1"), "batch", "p", 4),
+            cap=3,
+            lane_cap=3,
+            profile_cap=None,
+            priority=1,
+            waited_ms=0,
+            aging_ms=AGING_MS,
+            budget=BUDGET,
+        )
+        view = await store.acquire(ask)
+        assert (view.code, view.total, view.tokens) == (scripts.OK, 2, 4)
+        assert await store.release(Lease("old|2", "batch", "p"))
+        assert await store.release(ask.lease)
+        assert (await store.counts()).tokens == 0
+        assert not await redis.exists(f"{p}:tokens", f"{p}:info")
+    finally:
+        await redis.aclose()

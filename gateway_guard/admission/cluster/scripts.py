@@ -43,8 +43,12 @@ end
 local function tokens_in_use()
   return tonumber(redis.call('GET', p .. ':tokens') or '0')
 end
-local function parse(info)
+local function parse(info)  -- '<lane>\n<profile>' (a lease put by a version without token needs) counts 0
   local lane, profile, tokens = string.match(info, '^(.-)\n(.*)\n(%d+)$')
+  if not lane then
+    lane, profile = string.match(info, '^(.-)\n(.*)$')
+    tokens = 0
+  end
   return lane, profile, tonumber(tokens)
 end
 local function unindex(member)
