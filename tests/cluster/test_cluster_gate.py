@@ -31,8 +31,8 @@ LANES = [
 class Cluster:
     """Replicas of one upstream on one Redis; ``running`` counts permits held across all of them."""
 
-    def __init__(self, redis: Redis, upstream: str) -> None:
-        self.redis, self.upstream = redis, upstream
+    def __init__(self, redis: Redis, upstream: str, url: str) -> None:
+        self.redis, self.upstream, self.url = redis, upstream, url
         self.gates: list[ClusterGate] = []
         self.running = 0
         self.most = 0
@@ -64,11 +64,21 @@ class Cluster:
             permit.release(Result.SUCCESS)
         return permit
 
+    async def read(self, *command: str | int) -> object:
+        """The test's own look at Redis, on a connection of its own: one pooled by the replicas' client before a
+        Redis restart may be dead, and the replicas, not the test, are what must cope with that."""
+        async with Redis.from_url(self.url) as redis:
+            return await redis.execute_command(*command)
+
     async def leases(self) -> int:
-        return int(await self.redis.zcard(f"{prefix_for(self.upstream)}:leases"))
+        found = await self.read("ZCARD", f"{prefix_for(self.upstream)}:leases")
+        assert isinstance(found, int)
+        return found
 
     async def members(self) -> set[str]:
-        return {m.decode() for m in await self.redis.zrange(f"{prefix_for(self.upstream)}:leases", 0, -1)}
+        found = await self.read("ZRANGE", f"{prefix_for(self.upstream)}:leases", 0, -1)
+        assert isinstance(found, list)
+        return {m.decode() for m in found}
 
     async def no_leases_left(self, timeout: float = 5.0) -> None:
         """A release rides on the pump's next round trip: give it that moment, then none may be left."""
@@ -82,7 +92,7 @@ async def cluster(server: RedisServer, upstream: str, *, booted: bool = True) ->
     redis = connect(ClusterSpec(redis_url=server.url, lease_seconds=LEASE))
     if booted:  # as if the cluster had run for a while: no first-start quiet period
         await redis.set(f"{prefix_for(upstream)}:epoch", 0)
-    c = Cluster(redis, upstream)
+    c = Cluster(redis, upstream, server.url)
     try:
         yield c
     finally:

@@ -37,7 +37,9 @@ async def take(gate: ClusterGate, need: int) -> Permit:
 
 
 async def counted(c: Cluster) -> int:
-    return int(await c.redis.get(f"{prefix_for(c.upstream)}:tokens") or 0)
+    found = await c.read("GET", f"{prefix_for(c.upstream)}:tokens")
+    assert found is None or isinstance(found, bytes)
+    return int(found or 0)
 
 
 async def test_replicas_share_one_token_budget_and_report_it(shared_redis: RedisServer, upstream_name: str) -> None:
