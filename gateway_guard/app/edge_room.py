@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from gateway_guard.app.read_limit import TokenBucket
+
 SILENT_GRACE = 0.1  # seconds a new connection may stay silent before it can be closed to make room
 HEAD_GRACE = 1.0  # seconds a request's headers may take before the connection can be closed to make room
 IDLE_GRACE = 1.0  # seconds a kept-alive connection may be idle before it can be closed to make room
@@ -36,17 +38,14 @@ class LogBudget:
     """At most ``burst`` refusal lines at once and ``rate`` a second after that, so an attack cannot fill the
     disk through the log; the next line that is written says how many were left out."""
 
-    __slots__ = ("at", "burst", "left_out", "level", "rate")
+    __slots__ = ("bucket", "left_out")
 
     def __init__(self, rate: float = 10.0, burst: float = 50.0) -> None:
-        self.rate, self.burst = rate, burst
-        self.level, self.at, self.left_out = burst, 0.0, 0
+        self.bucket = TokenBucket(rate, burst)
+        self.left_out = 0
 
     def take(self, now: float) -> bool:
-        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
-        self.at = now
-        if self.level >= 1:
-            self.level -= 1
+        if not self.bucket.take(now):
             return True
         self.left_out += 1
         return False
