@@ -218,3 +218,39 @@ def raw_post(host: str, port: int, path: str, body: bytes, headers: dict[str, st
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def closed_loop(targets: Sequence[tuple[int, bytes]], concurrency: int, seconds: float) -> tuple[float, int]:
+    """``concurrency`` clients in closed loops for ``seconds`` after 1 s of warm-up, client ``i`` sending
+    ``targets[i % len(targets)]`` (port, raw request) on a kept-alive connection; returns (200s a second, errors)."""
+    done = errors = 0
+    counting = False
+
+    async def worker(port: int, request: bytes, stop_at: float) -> None:
+        nonlocal done, errors
+        client = RawClient(HOST, port)
+        try:
+            for _ in range(10_000_000):  # bound; the deadline ends it long before
+                if time.perf_counter() > stop_at:
+                    return
+                try:
+                    status, _ = await client.call(request)
+                except HttpError:
+                    errors += counting
+                    await asyncio.sleep(0.01)
+                    continue
+                done += counting and status == 200
+                errors += counting and status != 200
+        finally:
+            await client.close()
+
+    stop_at = time.perf_counter() + 1.0 + seconds
+    tasks = [asyncio.create_task(worker(*targets[i % len(targets)], stop_at)) for i in range(concurrency)]
+    await asyncio.sleep(1.0)
+    counting, t0 = True, time.perf_counter()
+    await asyncio.wait(tasks, timeout=seconds + 60)
+    elapsed, counting = time.perf_counter() - t0, False
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return done / elapsed, errors

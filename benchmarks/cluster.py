@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import (
     HOST,
-    HttpError,
-    RawClient,
+    closed_loop,
     free_port,
     guard_argv,
     percentile,
@@ -139,41 +138,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def closed_loop(ports: list[int], concurrency: int, seconds: float) -> tuple[float, int]:
-    """``concurrency`` clients spread over the replicas, in closed loops for ``seconds`` after 1 s of warm-up."""
-    done = errors = 0
-    counting = False
-
-    async def worker(port: int, stop_at: float) -> None:
-        nonlocal done, errors
-        client, request = RawClient(HOST, port), raw_post(HOST, port, "/v1/chat/completions", CHAT)
-        try:
-            for _ in range(10_000_000):  # bound; the deadline ends it long before
-                if time.perf_counter() > stop_at:
-                    return
-                try:
-                    status, _ = await client.call(request)
-                except HttpError:
-                    errors += counting
-                    await asyncio.sleep(0.01)
-                    continue
-                done += counting and status == 200
-                errors += counting and status != 200
-        finally:
-            await client.close()
-
-    stop_at = time.perf_counter() + 1.0 + seconds
-    tasks = [asyncio.create_task(worker(ports[i % len(ports)], stop_at)) for i in range(concurrency)]
-    await asyncio.sleep(1.0)
-    counting, t0 = True, time.perf_counter()
-    await asyncio.wait(tasks, timeout=seconds + 60)
-    elapsed, counting = time.perf_counter() - t0, False
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return done / elapsed, errors
-
-
 def guard_part(redis_url: str, redis_pid: int, args: argparse.Namespace) -> None:
     """One guard with the in-memory gate and three sharing one cap (started once); rounds alternate the set-ups."""
     pinning = bool(shutil.which("taskset")) and pin_self(args.client_cpu)
@@ -210,7 +174,13 @@ def guard_part(redis_url: str, redis_pid: int, args: argparse.Namespace) -> None
         for _ in range(args.rounds):
             for name, members in setups.items():
                 cpu0, calls0 = sum(cpu_seconds(pid) for _, pid in members), script_calls(redis_url)
-                rate, failed = asyncio.run(closed_loop([port for port, _ in members], args.concurrency, args.seconds))
+                rate, failed = asyncio.run(
+                    closed_loop(
+                        [(port, raw_post(HOST, port, "/v1/chat/completions", CHAT)) for port, _ in members],
+                        args.concurrency,
+                        args.seconds,
+                    )
+                )
                 cpu = sum(cpu_seconds(pid) for _, pid in members) - cpu0
                 rates[name].append(rate)
                 per_cpu[name].append(rate * args.seconds / cpu if cpu else float("nan"))

@@ -51,6 +51,7 @@ from _common import (
     HttpError,
     Proc,
     RawClient,
+    closed_loop,
     free_port,
     guard_argv,
     median,
@@ -126,44 +127,7 @@ async def latency_phase(target: Target, request: bytes, count: int, seconds: flo
 
 async def throughput_phase(target: Target, request: bytes, concurrency: int, seconds: float) -> tuple[float, int]:
     """``concurrency`` clients in a closed loop for ``seconds`` (after a 1 s warm-up); returns (req/s, errors)."""
-    done = 0
-    errors = 0
-    counting = False
-
-    async def worker(stop_at: float) -> None:
-        nonlocal done, errors
-        client = RawClient(HOST, target.port)
-        try:
-            for _ in range(10_000_000):  # bound; the deadline ends it long before
-                if time.perf_counter() > stop_at:
-                    return
-                try:
-                    status, _ = await client.call(request)
-                except HttpError:
-                    errors += counting
-                    await asyncio.sleep(0.01)
-                    continue
-                if counting:
-                    if status == 200:
-                        done += 1
-                    else:
-                        errors += 1
-        finally:
-            await client.close()
-
-    start = time.perf_counter()
-    stop_at = start + 1.0 + seconds
-    tasks = [asyncio.create_task(worker(stop_at)) for _ in range(concurrency)]
-    await asyncio.sleep(1.0)
-    counting = True
-    t0 = time.perf_counter()
-    await asyncio.wait(tasks, timeout=seconds + 60)
-    elapsed = time.perf_counter() - t0
-    counting = False
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return done / elapsed, errors
+    return await closed_loop([(target.port, request)], concurrency, seconds)
 
 
 async def measure(target: Target, stream: bool, args: argparse.Namespace) -> Figures:
